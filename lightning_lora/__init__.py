@@ -1,0 +1,32 @@
+"""lightning-lora: LoRA and QLoRA fine-tuning for PyTorch Lightning.
+
+The surgery API (plain PyTorch) is importable from here; callbacks live in :mod:`lightning_lora.callbacks` and the
+command line in :mod:`lightning_lora.cli`. Importing this package does not import Lightning, PEFT or bitsandbytes.
+"""
+
+from lightning_lora.surgery import (
+    AdapterLoadError,
+    LoRAConfig,
+    LoRAConfigError,
+    LoRALayer,
+    LoRAPlan,
+    MergeError,
+    SurgeryError,
+    SurgeryReport,
+    TargetMatchError,
+    apply_lora,
+    load_adapter,
+    merge_lora,
+    plan_lora,
+    save_adapter,
+    unload_lora,
+    unmerge_lora,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError", "LoRAConfig", "LoRAConfigError", "LoRALayer", "LoRAPlan", "MergeError", "SurgeryError",
+    "SurgeryReport", "TargetMatchError", "apply_lora", "load_adapter", "merge_lora", "plan_lora", "save_adapter",
+    "unload_lora", "unmerge_lora", "__version__",
+]

@@ -1,0 +1,250 @@
+"""Save and load adapters in the Hugging Face PEFT file format (``adapter_config.json`` + safetensors).
+
+Files written here load with ``peft.PeftModel.from_pretrained`` and vLLM; adapters saved by PEFT load here.
+Only safetensors (or ``weights_only`` pickles from old PEFT versions) are read: an adapter file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightning_lora.surgery._io import atomic_dir
+from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora, modules_to_save_paths, plan_lora, set_trainable
+from lightning_lora.surgery.config import LoRAConfig
+from lightning_lora.surgery.errors import AdapterLoadError, SurgeryError
+from lightning_lora.surgery.layers import LoRALayer
+from lightning_lora.surgery.peft_format import (
+    PEFT_PREFIX,
+    base_model_name,
+    config_from_peft,
+    peft_config_dict,
+    target_modules_for,
+    task_type_of,
+)
+from lightning_lora.surgery.registry import adapter_configs, find_lora_root, lora_layers
+from lightning_lora.surgery.report import SurgeryReport
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
+    """The tensors of adapter ``name`` under PEFT's keys (``base_model.model.<path>.lora_A.weight`` ...).
+
+    Includes ``modules_to_save`` weights and the biases chosen by the config's ``bias``.
+    """
+    _, root = find_lora_root(model)
+    config = _config_of(root, name)
+    tensors: dict[str, Tensor] = {}
+    for path, layer in lora_layers(root):
+        if name in layer.specs:
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name]
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name]
+            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                tensors[f"{PEFT_PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
+    if config.bias == "all":
+        for pname, param in root.named_parameters():
+            if pname.endswith("bias") and ".lora_" not in pname:
+                tensors[f"{PEFT_PREFIX}{pname}"] = param
+    for path in modules_to_save_paths(root, config):
+        for pname, param in root.get_submodule(path).named_parameters():
+            tensors[f"{PEFT_PREFIX}{path}.{pname}"] = param
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``name`` to directory ``path`` in PEFT's format, atomically.
+
+    Args:
+        model: The adapted model (or any module holding it, e.g. a LightningModule).
+        path: Output directory; replaced whole if it exists.
+        name: Which adapter. Default: ``"default"``.
+        base_model_name_or_path: Recorded in the config for PEFT / vLLM. Default: the model's own
+            ``config.name_or_path`` when it is a transformers model.
+
+    Returns:
+        The directory written.
+    """
+    _, root = find_lora_root(model)
+    config = _config_of(root, name)
+    tensors = adapter_state_dict(root, name)
+    wrapped = [p for p, layer in lora_layers(root) if name in layer.specs]
+    targets, layers = target_modules_for(root, wrapped, config.modules_to_save)
+    conv1d = any(layer.codec.name == "Conv1D" for _, layer in lora_layers(root))
+    body = peft_config_dict(config, targets, layers, task_type=task_type_of(root),
+                            base_model=base_model_name_or_path or base_model_name(root), fan_in_fan_out=conv1d)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    log.info("Saved adapter %r (%d tensors) to %s", name, len(tensors), path)
+    return Path(path)
+
+
+def _config_of(root: nn.Module, name: str) -> LoRAConfig:
+    configs = adapter_configs(root)
+    if name not in configs:
+        known = sorted(configs) or "none"
+        raise SurgeryError(f"No adapter named {name!r} on this model (adapters: {known}).")
+    return configs[name]
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """Read a PEFT-format adapter directory without touching any model: its config and its tensors.
+
+    Raises:
+        FileNotFoundError: If the directory or its config / weights file is missing.
+        AdapterLoadError: If the config is not a LoRA adapter this project can load.
+    """
+    directory = Path(path)
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {str(directory)!r}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    config = config_from_peft(json.loads(config_file.read_text()), str(config_file))
+    if (directory / WEIGHTS_NAME).is_file():
+        tensors = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+    elif (directory / _LEGACY_WEIGHTS_NAME).is_file():
+        tensors = torch.load(directory / _LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"No {WEIGHTS_NAME} in {str(directory)!r}.")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER, trainable: bool = False,
+                 replace: bool = False) -> SurgeryReport:
+    """Apply the adapter saved in ``path`` (by PEFT or by :func:`save_adapter`) to a plain base model, in place.
+
+    Every key and shape is checked against the model before anything changes.
+
+    Args:
+        model: The base model (without this adapter).
+        path: An adapter directory in PEFT's format.
+        name: Name to load it under. Default: ``"default"``.
+        trainable: Leave the adapter trainable (to continue training); otherwise every parameter is frozen.
+        replace: Replace an existing adapter of the same name instead of refusing.
+
+    Returns:
+        The :class:`SurgeryReport` of the surgery.
+
+    Raises:
+        AdapterLoadError: If the file's keys or shapes do not fit the model (the message lists them).
+        SurgeryError: If an adapter called ``name`` exists and ``replace`` is False.
+    """
+    config, tensors = read_adapter(path)
+    _, root = find_lora_root(model)
+    if name in adapter_configs(root) and not replace:
+        raise SurgeryError(f"An adapter named {name!r} is already loaded; pass replace=True or another name=.")
+    config = _matching_config(root, config, tensors, path)
+    expected = _expected_shapes(root, config, "\0probe")  # a name no layer has: checks shapes, not duplicates
+    _check_tensors(expected, tensors, path)
+    _check_other_tensors(root, tensors, path)
+    if name in adapter_configs(root):
+        _delete_adapter(root, name)
+    report = apply_lora(root, config, name=name)
+    _copy_tensors(root, tensors, name)
+    set_trainable(root, name)
+    if not trainable:
+        for param in root.parameters():
+            param.requires_grad_(False)
+    return report
+
+
+def _matching_config(root: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], path: str | Path) -> LoRAConfig:
+    # PEFT accepts target lists where only some names exist in the model; keep the patterns that match here so
+    # that a config written for a family of models loads, then let the key check below decide.
+    from lightning_lora.surgery.targets import candidate_modules, match_pattern
+
+    modules = candidate_modules(root)
+    kept = [t for t in config.targets if match_pattern(t, root, modules)]
+    if not kept:
+        raise AdapterLoadError(f"{path}: none of target_modules={config.targets!r} exists in this model; is it the right base model?")
+    data = config.to_dict()
+    data["targets"] = kept
+    return LoRAConfig.from_dict(data)
+
+
+def _expected_shapes(root: nn.Module, config: LoRAConfig, name: str) -> dict[str, tuple[int, ...]]:
+    plan = plan_lora(root, config, name=name)
+    expected: dict[str, tuple[int, ...]] = {}
+    for layer in plan.layers:
+        expected[f"{PEFT_PREFIX}{layer.name}.lora_A.weight"] = (layer.r, layer.in_features)
+        expected[f"{PEFT_PREFIX}{layer.name}.lora_B.weight"] = (layer.out_features, layer.r)
+    return expected
+
+
+def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], path: str | Path) -> None:
+    lora_keys = {k for k in tensors if ".lora_" in k}
+    missing = sorted(set(expected) - lora_keys)
+    unexpected = sorted(lora_keys - set(expected))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}" for k in sorted(lora_keys & set(expected))
+              if tuple(tensors[k].shape) != expected[k]]
+    problems = []
+    for label, items in (("missing from the file", missing), ("not in the model", unexpected), ("shape mismatch", shapes)):
+        if items:
+            shown = "\n    ".join(items[:10]) + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
+            problems.append(f"  {len(items)} key(s) {label}:\n    {shown}")
+    if problems:
+        raise AdapterLoadError(f"The adapter in {str(path)!r} does not fit this model; nothing was changed.\n" + "\n".join(problems))
+
+
+def _check_other_tensors(root: nn.Module, tensors: dict[str, Tensor], path: str | Path) -> None:
+    params = dict(root.named_parameters())
+    problems = []
+    for key in sorted(k for k in tensors if ".lora_" not in k):
+        target = _lookup(params, key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
+        if target is None:
+            problems.append(f"{key}: no such parameter in the model")
+        elif tuple(target.shape) != tuple(tensors[key].shape):
+            problems.append(f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(target.shape)}")
+    if problems:
+        raise AdapterLoadError(f"The adapter in {str(path)!r} does not fit this model; nothing was changed.\n  "
+                               + "\n  ".join(problems[:10]))
+
+
+def _copy_tensors(root: nn.Module, tensors: dict[str, Tensor], name: str) -> None:
+    params = dict(root.named_parameters())
+    layers = dict(lora_layers(root))
+    with torch.no_grad():
+        for key, value in tensors.items():
+            path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            target = _lora_param(layers, path, name)
+            if target is None:
+                target = _lookup(params, path)
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def _lookup(params: dict[str, nn.Parameter], path: str) -> nn.Parameter | None:
+    # Biases of wrapped layers are `<layer>.base_layer.bias` after wrapping and `<layer>.bias` before.
+    for candidate in (path, path.replace(".base_layer.", "."), _with_base_layer(path)):
+        if candidate in params:
+            return params[candidate]
+    return None
+
+
+def _with_base_layer(path: str) -> str:
+    head, _, leaf = path.rpartition(".")
+    return f"{head}.base_layer.{leaf}" if head else path
+
+
+def _lora_param(layers: dict[str, LoRALayer], path: str, name: str) -> nn.Parameter | None:
+    for factor in ("lora_A", "lora_B"):
+        layer_path, marker, _ = path.partition(f".{factor}.")
+        if marker and layer_path in layers:
+            return getattr(layers[layer_path], factor)[name]
+    return None
+
+
+def _delete_adapter(root: nn.Module, name: str) -> None:
+    for _, layer in lora_layers(root):
+        if name in layer.specs:
+            layer.delete_adapter(name)
+    adapter_configs(root).pop(name, None)

@@ -1,0 +1,169 @@
+"""The LoRA wrapper: a base layer plus named low-rank adapters.
+
+``y = base(x) + sum_a scale_a * B_a A_a dropout_a(x)`` over the active, unmerged adapters ``a``
+(Hu et al. 2021, eq. 3). The wrapper composes the base layer instead of subclassing it, and A/B are plain
+parameters, so tools that swap every ``nn.Linear`` never touch the adapter factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_lora.surgery.codecs import Codec
+from lightning_lora.surgery.errors import MergeError, SurgeryError
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter's hyperparameters inside one layer."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+class LoRALayer(nn.Module):
+    """Wraps a base layer and holds any number of named adapters.
+
+    Args:
+        base_layer: The layer to adapt (``nn.Linear``, transformers ``Conv1D``, bitsandbytes ``Linear4bit``...).
+        codec: How to read and write the base layer's dense weight.
+    """
+
+    def __init__(self, base_layer: nn.Module, codec: Codec) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.codec = codec
+        self.in_features, self.out_features = codec.features(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._unmerged_weight: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, spec: AdapterSpec) -> None:
+        """Create adapter ``name``: A initialised randomly, B at zero, so the layer's output is unchanged."""
+        if name in self.specs:
+            raise SurgeryError(f"This layer already has an adapter named {name!r}.")
+        if self.merged_adapters:
+            raise SurgeryError(f"Cannot add adapter {name!r} while adapters {self.merged_adapters} are merged; unmerge first.")
+        dtype, device = self._adapter_dtype_device()
+        a = torch.empty(spec.r, self.in_features, dtype=dtype, device=device)  # (r, in)
+        if spec.init == "gaussian":
+            nn.init.normal_(a, std=1 / spec.r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default, as nn.Linear initialises its weight
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, spec.r, dtype=dtype, device=device))  # (out, r)
+        self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.specs[name] = spec
+        self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
+        if name in self.merged_adapters:
+            raise SurgeryError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+            del container[name]
+        del self.specs[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def _adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        weight = getattr(self.base_layer, "weight", None)
+        if weight is None:
+            return torch.float32, torch.device("cpu")
+        # Quantized (integer) storage: adapters train in fp32, as in QLoRA (Dettmers et al. 2023, sec. 3).
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        return dtype, weight.device
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        """``base(x)`` plus each active, unmerged adapter's scaled low-rank update."""
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = self._add_update(result, x, name)
+        return result
+
+    def _add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
+        x = self.lora_dropout[name](x.to(a.dtype))  # Identity when dropout is 0: no copy
+        xa = F.linear(x, a)  # (..., in) @ (in, r) -> (..., r)
+        scale = self.specs[name].scale
+        if result.dtype == b.dtype and result.is_contiguous():
+            # One fused kernel for `result + scale * xa @ B^T`, no separate scaled or summed temporaries.
+            flat = torch.addmm(result.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
+            return flat.view(result.shape)  # (..., out)
+        return result + (F.linear(xa, b) * scale).to(result.dtype)  # (..., r) @ (r, out) -> (..., out)
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def delta_weight(self, name: str) -> Tensor:
+        """``scale * B @ A`` in fp32: (out, r) @ (r, in) -> (out, in)."""
+        return (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()) * self.specs[name].scale
+
+    def merged_weight(self, names: list[str]) -> Tensor:
+        """The base weight with ``names`` added, computed in fp32 (not written anywhere)."""
+        weight = self.codec.get_weight(self.base_layer).float()
+        for name in names:
+            weight = weight + self.delta_weight(name)
+        return weight
+
+    def check_merge(self, names: list[str], where: str) -> None:
+        """Raise :class:`MergeError` if merging ``names`` would give non-finite weights."""
+        if not self.codec.mergeable:
+            raise MergeError(f"{where}: cannot merge into a {self.codec.name} layer.")
+        if not torch.isfinite(self.merged_weight(names)).all():
+            raise MergeError(f"{where}: merging adapters {names} gives non-finite weights (inf or NaN); nothing was merged.")
+
+    def merge(self, names: list[str] | None = None, *, keep_original: bool = True) -> None:
+        """Add the adapters' updates into the base weight, in place. Merging a merged adapter does nothing.
+
+        Args:
+            names: Adapters to merge. Default: the active ones.
+            keep_original: Keep a copy of the unmerged base weight so that :meth:`unmerge` restores it bit for bit.
+        """
+        todo = [n for n in (names if names is not None else self.active_adapters) if n not in self.merged_adapters]
+        if not todo:
+            return
+        original = self.codec.get_weight(self.base_layer)
+        if keep_original and self._unmerged_weight is None:
+            self._unmerged_weight = original.clone()
+        self.codec.set_weight(self.base_layer, self.merged_weight(todo).to(original.dtype))
+        self.merged_adapters.extend(todo)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter's update out of the base weight again (exactly, when the original was kept)."""
+        if not self.merged_adapters:
+            return
+        if self._unmerged_weight is not None:
+            self.codec.set_weight(self.base_layer, self._unmerged_weight)
+        else:
+            weight = self.codec.get_weight(self.base_layer).float()
+            for name in self.merged_adapters:
+                weight = weight - self.delta_weight(name)
+            self.codec.set_weight(self.base_layer, weight)
+        self._unmerged_weight = None
+        self.merged_adapters.clear()
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={s.r}, scale={s.scale:g})" for n, s in self.specs.items())
+        return f"{self.codec.name} in={self.in_features} out={self.out_features} adapters=[{adapters}] merged={self.merged_adapters}"
