@@ -48,7 +48,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     exclude: list[str] | str | None = None
-    layers: list[int] | str | None = None
+    layers: str | list[int] | None = None
     use_rslora: bool = False
     bias: Bias = "none"
     modules_to_save: list[str] | None = None
@@ -64,6 +64,9 @@ class LoRAConfig:
         self.alpha_pattern = dict(self.alpha_pattern or {})
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if isinstance(self.layers, str):
+            # Shells and YAML need quotes around slices such as '-8:'; accept them quoted.
+            self.layers = self.layers.strip().strip("'\"").strip()
         problems = _problems(self)
         if problems:
             raise LoRAConfigError("Invalid LoRAConfig:\n  - " + "\n  - ".join(problems))

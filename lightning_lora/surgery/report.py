@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -59,8 +60,9 @@ class LoRAPlan:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{len(self.layers)} layers, {self.adapter_params:,} adapter parameters (adapter {self.adapter!r})")
         if self.skipped:
-            lines.append(f"{len(self.skipped)} matched modules skipped: " + "; ".join(f"{n} ({r})" for n, r in self.skipped[:5])
-                         + (" ..." if len(self.skipped) > 5 else ""))
+            reasons = Counter(reason for _, reason in self.skipped)
+            summary = "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+            lines.append(f"{len(self.skipped)} matched modules skipped: {summary}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

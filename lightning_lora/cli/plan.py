@@ -1,0 +1,52 @@
+"""``lightning-lora plan``: the dry run. Shows which layers a LoRA config would wrap, before anything trains.
+
+The model is built from its config on the ``meta`` device, so no weights are read and even large models plan in
+about a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from jsonargparse import ArgumentParser
+
+from lightning_lora.surgery.apply import plan_lora
+from lightning_lora.surgery.config import LoRAConfig
+from lightning_lora.surgery.report import LoRAPlan
+
+
+def build_parser() -> ArgumentParser:
+    """The ``plan`` command's arguments."""
+    parser = ArgumentParser(prog="lightning-lora plan", description=__doc__.splitlines()[0], env_prefix="LIGHTNING_LORA_PLAN")
+    parser.add_argument("--config", action="config", help="A YAML file with `model` and `lora` keys.")
+    parser.add_argument("--model", type=str, default="smollm2-135m-instruct",
+                        help="Model alias, local save_pretrained directory, or hub name.")
+    parser.add_argument("--lora", type=Optional[LoRAConfig], default=LoRAConfig(), help="The LoRA settings to plan.")
+    return parser
+
+
+def plan_for(model_name: str, config: LoRAConfig) -> LoRAPlan:
+    """Plan ``config`` on the named model without loading its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_lora.modules.loading import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    hf_config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return plan_lora(model, config)
+
+
+def plan_main(argv: Sequence[str]) -> LoRAPlan:
+    """Run ``lightning-lora plan`` with ``argv`` and print the table."""
+    parser = build_parser()
+    args = parser.instantiate_classes(parser.parse_args(list(argv)))
+    if args.lora is None:
+        parser.error("--lora is null: there is nothing to plan.")
+    plan = plan_for(args.model, args.lora)
+    sys.stdout.write(plan.table() + "\n")
+    return plan
