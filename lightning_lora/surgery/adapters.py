@@ -140,6 +140,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
         SurgeryError: If an adapter called ``name`` exists and ``replace`` is False.
     """
     config, tensors = read_adapter(path)
+    tensors = _without_peft_wrapper_keys(tensors)
     _, root = find_lora_root(model)
     if name in adapter_configs(root) and not replace:
         raise SurgeryError(f"An adapter named {name!r} is already loaded; pass replace=True or another name=.")
@@ -161,7 +162,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
 def _matching_config(root: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], path: str | Path) -> LoRAConfig:
     # PEFT accepts target lists where only some names exist in the model; keep the patterns that match here so
     # that a config written for a family of models loads, then let the key check below decide.
-    from lightning_lora.surgery.targets import candidate_modules, match_pattern
+    from lightning_lora.surgery.targets import candidate_modules, match_pattern, matches_name
 
     modules = candidate_modules(root)
     kept = [t for t in config.targets if match_pattern(t, root, modules)]
@@ -169,7 +170,23 @@ def _matching_config(root: nn.Module, config: LoRAConfig, tensors: dict[str, Ten
         raise AdapterLoadError(f"{path}: none of target_modules={config.targets!r} exists in this model; is it the right base model?")
     data = config.to_dict()
     data["targets"] = kept
+    # PEFT's sequence-classification models add both "classifier" and "score" to `modules_to_save` (duplicates
+    # included) whichever exists; keep the ones this model has.
+    names = [n for n in modules if n]
+    saved = dict.fromkeys(p for p in config.modules_to_save if any(matches_name(p, n) for n in names))
+    data["modules_to_save"] = list(saved)
     return LoRAConfig.from_dict(data)
+
+
+def _without_peft_wrapper_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # PEFT with bias="all" and modules_to_save also saves `<m>.original_module.bias` (the frozen original) and
+    # `<m>.modules_to_save.bias` (the trained copy, also saved as `<m>.bias`). Keep the trained values under the
+    # plain module path, which is where they live in our (unwrapped) modules_to_save.
+    plain = {k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k}
+    for key, value in tensors.items():
+        if ".modules_to_save." in key:
+            plain.setdefault(key.replace(".modules_to_save.", "."), value)
+    return plain
 
 
 def _expected_shapes(root: nn.Module, config: LoRAConfig, name: str) -> dict[str, tuple[int, ...]]:

@@ -192,9 +192,10 @@ def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: b
 
     Raises:
         MergeError: If a merge would produce inf or NaN (naming the layer); nothing is changed then.
-        SurgeryError: If the model has no LoRA layer.
+        SurgeryError: If the model has no LoRA layer, or ``adapters`` names an adapter it does not have.
     """
     layers = _require_layers(model, "merge_lora")
+    _check_adapter_names(layers, adapters, "merge_lora")
     if safe:
         for path, layer in layers:
             layer.check_merge(_to_merge(layer, adapters), path)
@@ -203,6 +204,14 @@ def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: b
     if unload:
         _replace_wrappers(model, layers)
     return model
+
+
+def _check_adapter_names(layers: list[tuple[str, LoRALayer]], adapters: list[str] | None, what: str) -> None:
+    # Without this check a typo would merge nothing and, with unload=True, silently drop every adapter.
+    known = sorted({n for _, layer in layers for n in layer.specs})
+    unknown = [a for a in (adapters or []) if a not in known]
+    if unknown:
+        raise SurgeryError(f"{what}: no adapter named {', '.join(map(repr, unknown))} on this model (adapters: {known}).")
 
 
 def _to_merge(layer: LoRALayer, adapters: list[str] | None) -> list[str]:

@@ -121,9 +121,9 @@ def config_from_peft(data: dict[str, Any], source: str) -> LoRAConfig:
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT's task type guessed from a transformers class name (``...ForCausalLM`` -> ``"CAUSAL_LM"``)."""
     cls = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
         if cls.endswith(suffix):
             return task
     return None
