@@ -8,7 +8,8 @@ arguments give bit-identical models (parity tests build one for us and one for P
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -173,3 +174,30 @@ def assert_same_state(before: dict[str, torch.Tensor], model: nn.Module) -> None
     for key, value in before.items():
         assert after[key].dtype == value.dtype, key
         assert torch.equal(after[key], value), f"{key} changed"
+
+
+def lora_structure(model: nn.Module) -> list[tuple[str, list[str], list[str], list[str]]]:
+    """Every LoRA wrapper with its adapters, active adapters and merged adapters (for "nothing changed" checks)."""
+    from lightning_lora.surgery.layers import LoRALayer
+
+    return [(n, sorted(m.specs), list(m.active_adapters), list(m.merged_adapters))
+            for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+@contextmanager
+def unchanged(model: nn.Module) -> Iterator[None]:
+    """Assert that the block leaves the model exactly as it was: state dict keys and values (bitwise), LoRA wrappers
+    and their adapters, and every parameter's ``requires_grad``.
+
+    Put it outside ``pytest.raises`` so that the check runs after the expected exception was caught::
+
+        with unchanged(model), pytest.raises(TargetMatchError, match="q_prj"):
+            apply_lora(model, LoRAConfig(targets=["q_prj"]))
+    """
+    before = state_snapshot(model)
+    structure = lora_structure(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    yield
+    assert_same_state(before, model)
+    assert lora_structure(model) == structure
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
