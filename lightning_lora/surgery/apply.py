@@ -13,13 +13,15 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_lora.surgery.codecs import codec_for
 from lightning_lora.surgery.config import LoRAConfig
 from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.layers import AdapterSpec, LoRALayer
+from lightning_lora.surgery.merge_bases import MergeBase, merge_onto_base_, needs_merge_base
 from lightning_lora.surgery.registry import adapter_configs, find_lora_root, lora_layers, record_config
 from lightning_lora.surgery.report import LoRAPlan, PlannedLayer, SurgeryReport, count_parameters
 from lightning_lora.surgery.targets import block_index, candidate_modules, matches_name, select
@@ -181,8 +183,12 @@ def modules_to_save_paths(model: nn.Module, config: LoRAConfig) -> list[str]:
     return paths
 
 
-def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: bool = True, safe: bool = True) -> nn.Module:
+def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: bool = True, safe: bool = True,
+               merge_base: MergeBase = "dequantized", original: nn.Module | Mapping[str, Tensor] | None = None) -> nn.Module:
     """Merge adapters into the base weights, in place: ``W <- W + scale * B A`` (computed in fp32, cast once).
+
+    On a 4-bit base (QLoRA) the weights the update is added to are chosen by ``merge_base``; on a dense model it has
+    no effect. :func:`~lightning_lora.surgery.merge_bases.compare_merge_bases` measures what each choice costs.
 
     Args:
         model: A model with LoRA layers.
@@ -191,16 +197,29 @@ def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: b
             ``merge_and_unload``. With False the wrappers stay, keep a copy of the original weight, and
             :func:`unmerge_lora` restores it bit for bit. Default: True.
         safe: Check that every merged weight is finite before changing any layer. Default: True.
+        merge_base: For 4-bit layers: ``"dequantized"`` (``dequant(W4) + s B A`` in a dense layer: reproduces the
+            trained QLoRA model), ``"original"`` (``W_orig + s B A`` from ``original``), or ``"requantize"``
+            (``quant(dequant(W4) + s B A)``: stays 4-bit, the update is rounded). With the first two every 4-bit
+            layer becomes a plain ``nn.Linear`` in the dtype it had before quantization. Default: ``"dequantized"``.
+        original: The high-precision weights for ``merge_base="original"``: the unquantized model or its state
+            dict (keys ``<path>.weight``, matched by path suffix). Default: None.
 
     Returns:
         The model (the same object, changed in place; a plain model when ``unload``).
 
     Raises:
-        MergeError: If a merge would produce inf or NaN (naming the layer); nothing is changed then.
+        MergeError: If a merge would produce inf or NaN (naming the layer), or ``merge_base`` / ``original`` do not
+            fit the model; nothing is changed then.
         SurgeryError: If the model has no LoRA layer, or ``adapters`` names an adapter it does not have.
     """
     layers = _require_layers(model, "merge_lora")
     _check_adapter_names(layers, adapters, "merge_lora")
+    if needs_merge_base(model, merge_base, original):
+        todo = [(path, layer, _to_merge(layer, adapters)) for path, layer in layers]
+        merge_onto_base_(model, todo, merge_base=merge_base, original=original, unload=unload, safe=safe)
+        if unload:
+            _replace_wrappers(model, layers)
+        return model
     if safe:
         for path, layer in layers:
             layer.check_merge(_to_merge(layer, adapters), path)

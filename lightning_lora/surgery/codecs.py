@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.surgery import bnb4bit
+
 
 @dataclass(frozen=True)
 class Codec:
@@ -27,6 +29,8 @@ class Codec:
         get_weight: The dense weight as ``(out, in)``; for quantized layers, dequantized.
         set_weight: Writes a dense ``(out, in)`` weight back, in place (re-quantizing where the layer is quantized).
         mergeable: Whether merging into this layer type is supported at all.
+        quantized: Whether the stored weight is quantized (adapters then train in fp32, and merges choose a base:
+            see :func:`~lightning_lora.merge_lora`'s ``merge_base``).
     """
 
     name: str
@@ -35,6 +39,7 @@ class Codec:
     get_weight: Callable[[nn.Module], Tensor]
     set_weight: Callable[[nn.Module, Tensor], None]
     mergeable: bool = True
+    quantized: bool = False
 
 
 def _copy_into(param: Tensor, value: Tensor) -> None:
@@ -69,8 +74,19 @@ CONV1D = Codec(
     set_weight=lambda m, w: _copy_into(m.weight, w.T),
 )
 
+# bitsandbytes 4-bit: dense weight out = dequantize, dense weight in = re-quantize with the layer's own settings.
+# `matches` only looks at sys.modules, so nothing here imports bitsandbytes (see surgery/bnb4bit.py).
+LINEAR4BIT = Codec(
+    name="Linear4bit",
+    matches=bnb4bit.is_linear4bit,
+    features=lambda m: (m.in_features, m.out_features),
+    get_weight=bnb4bit.dequantize,
+    set_weight=bnb4bit.requantize_,
+    quantized=True,
+)
+
 # Ordered: more specific types first (bitsandbytes' Linear4bit subclasses nn.Linear, so its entry goes in front).
-_REGISTRY: list[Codec] = [CONV1D, LINEAR]
+_REGISTRY: list[Codec] = [LINEAR4BIT, CONV1D, LINEAR]
 
 
 def register_codec(codec: Codec, *, first: bool = True) -> None:

@@ -24,3 +24,7 @@ class MergeError(RuntimeError):
 
 class AdapterLoadError(ValueError):
     """An adapter on disk does not fit the model: missing or unexpected keys, or shapes that differ."""
+
+
+class QuantizationError(ValueError):
+    """A selected layer cannot be quantized (dtype, shape, device, tied weight) or the model is in the wrong state."""

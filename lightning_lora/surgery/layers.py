@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.surgery.codecs import Codec
+from lightning_lora.surgery.codecs import Codec, codec_for
 from lightning_lora.surgery.errors import MergeError, SurgeryError
 
 
@@ -45,7 +45,7 @@ class LoRALayer(nn.Module):
     def __init__(self, base_layer: nn.Module, codec: Codec) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.codec = codec
+        self._codec = codec
         self.in_features, self.out_features = codec.features(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -55,6 +55,12 @@ class LoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._unmerged_weight: Tensor | None = None
+
+    @property
+    def codec(self) -> Codec:
+        """How to read / write the base layer's dense weight, looked up again on each use: a precision plugin may swap
+        the base layer's class after wrapping (Lightning's ``BitsandbytesPrecision`` turns it into a 4-bit layer)."""
+        return codec_for(self.base_layer) or self._codec
 
     # ----------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
@@ -89,8 +95,10 @@ class LoRALayer(nn.Module):
         weight = getattr(self.base_layer, "weight", None)
         if weight is None:
             return torch.float32, torch.device("cpu")
-        # Quantized (integer) storage: adapters train in fp32, as in QLoRA (Dettmers et al. 2023, sec. 3).
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        # Quantized storage (uint8, or a float dtype holding packed 4-bit values): adapters train in fp32, as in
+        # QLoRA (Dettmers et al. 2023, sec. 3).
+        quantized = self.codec.quantized or not weight.dtype.is_floating_point
+        dtype = torch.float32 if quantized else weight.dtype
         return dtype, weight.device
 
     # ----------------------------------------------------------------------------------------------- forward
