@@ -1,0 +1,23 @@
+"""Lightning callbacks for LoRA fine-tuning, each thin over :mod:`lightning_lora.surgery`.
+
+* :class:`LoRAFinetuning` -- (quantize and) apply LoRA before the optimizer exists; adapter-only, resumable checkpoints.
+* :class:`TrainableParameters` -- report trainable parameters and a memory estimate at fit start.
+* :class:`GradientCheckpointing` -- activation checkpointing on the transformer blocks.
+* :class:`LayerFreezing` -- train only some blocks, unfreezing more on a resumable schedule.
+* :class:`MergeAndExport` -- write the adapter and a merged model at the end of fit.
+
+They compose in any order: work that must precede the optimizer runs right after ``configure_model`` in a fixed
+order (LoRA surgery, then freezing, then checkpointing).
+"""
+
+from lightning_lora.callbacks.gradient_checkpointing import GradientCheckpointing
+from lightning_lora.callbacks.layer_freezing import LayerFreezing
+from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning, OptimizerSetupError
+from lightning_lora.callbacks.merge_export import MergeAndExport
+from lightning_lora.callbacks.trainable_parameters import TrainableParameters
+from lightning_lora.surgery.checkpoint import CheckpointMismatchError
+
+__all__ = [
+    "CheckpointMismatchError", "GradientCheckpointing", "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
+    "OptimizerSetupError", "TrainableParameters",
+]

@@ -1,0 +1,68 @@
+"""``MergeAndExport``: at the end of fit, write the adapter and a merged model (rank zero, atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_lora.callbacks._model_ready import target_module
+from lightning_lora.surgery.apply import DEFAULT_ADAPTER
+from lightning_lora.surgery.errors import SurgeryError
+from lightning_lora.surgery.export import ExportReport, export_merged
+from lightning_lora.surgery.registry import adapter_configs, find_lora_root
+
+
+class MergeAndExport(Callback):
+    """Export the trained adapter (PEFT format) and the merged model when ``fit`` ends.
+
+    Layout of ``dirpath``: ``adapter/`` (``adapter_config.json`` + safetensors, loadable by PEFT and vLLM),
+    ``merged/`` (for a transformers model a ``save_pretrained`` directory that ``AutoModelForCausalLM.from_pretrained``
+    loads, with the module's ``tokenizer`` when it has one; for other modules ``model.safetensors`` with the adapted
+    module's own parameter names), and ``export.json`` with the largest merged-vs-unmerged output difference on a
+    probe batch. The merge runs on a copy: the trained model in memory keeps its adapters. The directory is written
+    atomically and only on global rank zero.
+
+    Args:
+        dirpath: Output directory (replaced whole if it exists).
+        module: Attribute path of the adapted network inside the LightningModule. Default: None (found from where
+            the LoRA surgery ran).
+        adapter_name: Which adapter to export. Default: ``"default"``.
+        merge_base: Passed to ``merge_lora`` (for quantized bases) when set. Default: None.
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[MergeAndExport("out/export")])
+    """
+
+    def __init__(self, dirpath: str | Path, *, module: str | None = None, adapter_name: str = DEFAULT_ADAPTER,
+                 merge_base: Any = None) -> None:
+        self.dirpath = Path(dirpath)
+        self.module = module
+        self.adapter_name = adapter_name
+        self.merge_base = merge_base
+        self.report: ExportReport | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Fail before training, not after it, when there is nothing to export.
+        _, root = find_lora_root(target_module(pl_module, self.module))
+        if self.adapter_name not in adapter_configs(root):
+            known = sorted(adapter_configs(root)) or "none"
+            raise SurgeryError(f"MergeAndExport: the model has no LoRA adapter {self.adapter_name!r} (adapters: {known}).\n"
+                               "HINT: add LoRAFinetuning(...) to the Trainer's callbacks, or pass the adapter_name it uses.")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        target = target_module(pl_module, self.module)
+        _, root = find_lora_root(target)
+        probe = getattr(pl_module, "example_input_array", None) if root is pl_module else None
+        self.report = export_merged(root, self.dirpath, adapter_name=self.adapter_name, probe=probe,
+                                    tokenizer=getattr(pl_module, "tokenizer", None), merge_base=self.merge_base)
+        rank_zero_info(str(self.report))
