@@ -210,7 +210,7 @@ def _union(patterns: list[str], kind: str, model: nn.Module, modules: dict[str, 
         selected.update(dict.fromkeys(hits))
     if unmatched:
         raise unmatched_error(kind, unmatched, modules)
-    return list(selected)
+    return [n for n in modules if n in selected]  # model order (as plans promise), not pattern order
 
 
 def _nothing_left_message(cfg: LoRAConfig, skipped: list[tuple[str, str]]) -> str:
