@@ -139,7 +139,8 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> tuple[list[str],
             "(quantize_model(model, qcfg); apply_lora(model, lcfg)), or unload_lora(model) and start again."
         )
     modules = candidate_modules(model)
-    matched = _union(config.targets, "quantize target", model, modules)
+    order = {path: i for i, path in enumerate(modules)}
+    matched = sorted(_union(config.targets, "quantize target", model, modules), key=order.__getitem__)  # model order
     excluded = set(_union(config.exclude, "quantize exclude", model, modules)) if config.exclude else set()
     selected, skipped = [], []
     for path in matched:
