@@ -46,8 +46,10 @@ def plan_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAPT
 
     Raises:
         TargetMatchError: If a pattern matches nothing (the message lists the closest module names).
-        SurgeryError: If a selected layer already has an adapter called ``name``.
+        SurgeryError: If a selected layer already has an adapter called ``name``, or ``name`` cannot be a key of
+            the adapter containers.
     """
+    _check_new_name(name)
     selected, skipped = select(model, config)
     modules = candidate_modules(model)
     layers = []
@@ -66,6 +68,15 @@ def plan_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAPT
         layers.append(PlannedLayer(path, kind, fan_in, fan_out, block_index(path), config.rank_for(path),
                                    config.alpha_for(path), config.scale_for(path)))
     return LoRAPlan(adapter=name, layers=layers, skipped=skipped)
+
+
+def _check_new_name(name: str) -> None:
+    # Adapters are keys of nn.ParameterDict / nn.ModuleDict, which refuse keys with a dot and keys that shadow their
+    # own attributes ("copy", "keys", "to"...); refusing here keeps a failed add_adapter from half-changing a model.
+    taken = isinstance(name, str) and (hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name))
+    if not isinstance(name, str) or not name or "." in name or taken:
+        raise SurgeryError(f"Adapter name {name!r} cannot be used: give a non-empty name without '.' that is not an "
+                           "attribute of nn.ParameterDict / nn.ModuleDict (such as 'copy', 'keys', 'to'), e.g. 'legal'.")
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAPTER) -> SurgeryReport:
