@@ -149,6 +149,24 @@ def _apply(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str]]], quant
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, bnb4bit.to_dense_linear(quantized[path], merged[path]))
+    if merged:
+        _forget_hf_quantization(model)
+
+
+def _forget_hf_quantization(model: nn.Module) -> None:
+    """A transformers model loaded in 4 bit keeps its quantizer and ``config.quantization_config``; once every layer
+    is dense, ``save_pretrained`` would still write that config and ``from_pretrained`` re-create 4-bit layers
+    around dense weights. Drop those markers so the merged model saves and loads as a plain model."""
+    for module in model.modules():
+        if not getattr(module, "is_quantized", False) or not hasattr(module, "hf_quantizer"):
+            continue
+        module.hf_quantizer = None
+        module.is_quantized = False
+        if hasattr(module, "quantization_method"):
+            module.quantization_method = None
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
 
 
 # --------------------------------------------------------------------------------------------- comparing bases

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lightning_lora.surgery.bnb4bit import logical_numel
+
 
 @dataclass(frozen=True)
 class PlannedLayer:
@@ -96,10 +98,9 @@ class SurgeryReport:
 
 
 def parameter_count(param: nn.Parameter) -> int:
-    """Logical parameter count of a tensor: a 4-bit packed uint8 element holds two parameters."""
-    if getattr(param, "quant_state", None) is not None or type(param).__name__ == "Params4bit":
-        return param.numel() * 2
-    return param.numel()
+    """Logical parameter count of a tensor: a packed 4-bit weight counts as its dense shape (two per uint8 byte;
+    four per element with ``quant_storage=bfloat16``); a 4-bit layer not quantized yet counts its elements."""
+    return logical_numel(param)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -135,7 +135,9 @@ def load_4bit(path: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
 
 
-def test_lora_on_a_transformers_bitsandbytes_model(hf_4bit_dir: Path) -> None:
+def test_lora_on_a_transformers_bitsandbytes_model(hf_4bit_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     model = load_4bit(hf_4bit_dir)
     assert is_linear4bit(model.model.layers[0].self_attn.q_proj)
     report = apply_lora(model, QV)
@@ -155,6 +157,11 @@ def test_lora_on_a_transformers_bitsandbytes_model(hf_4bit_dir: Path) -> None:
     merged = merge_lora(model)
     assert not any(isinstance(m, LoRALayer) or is_linear4bit(m) for m in merged.modules())
     torch.testing.assert_close(logits(merged, ids), reference, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")  # a plain model now: no quantization_config left behind
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    assert type(reloaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(logits(reloaded, ids), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_trained_on_4bit_loads_onto_the_full_precision_base_with_peft(tmp_path: Path) -> None:
