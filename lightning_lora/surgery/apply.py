@@ -109,6 +109,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAP
         else:
             extended.append(layer.name)
         module.add_adapter(name, AdapterSpec(layer.r, layer.alpha, config.dropout, config.use_rslora, config.init))
+        # New modules start in training mode: follow the wrapped layer, so that adapter dropout stays off in a model
+        # that is in eval mode (e.g. load_adapter for inference). PEFT's get_peft_model leaves them in training mode.
+        module.train(module.base_layer.training)
     record_config(model, name, config)
     set_trainable(model, name)
     trainable, total = count_parameters(model)

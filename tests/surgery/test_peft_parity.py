@@ -45,6 +45,8 @@ CASES = {
     "phi-rank_pattern-lm_head": ("phi", dict(targets=["fc1", "fc2", "dense"], rank_pattern={"fc1": 8},
                                              modules_to_save=["lm_head"])),
     "phi-exclude-lora_only": ("phi", dict(targets="all-linear", exclude=["dense"], bias="lora_only")),
+    "llama-regex": ("llama", dict(targets=[r"re:.*\.layers\.[12]\.self_attn\.(q|k)_proj"])),
+    "phi-regex-exclude": ("phi", dict(targets="all-linear", exclude=[r"re:.*\.layers\.0\..*"], dropout=0.1)),
 }
 
 
@@ -55,9 +57,12 @@ def peft_config(model: nn.Module, cfg: LoRAConfig) -> LoraConfig:
     if layers is not None and targets == "all-linear":
         # PEFT refuses layers_to_transform with a string target ("all-linear"); name the linear layers instead.
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALayer)})
+    if len(cfg.targets) == 1 and cfg.targets[0].startswith("re:"):
+        targets = cfg.targets[0][3:]  # PEFT: a string target is a full-match regex
+    exclude = cfg.exclude[0][3:] if len(cfg.exclude) == 1 and cfg.exclude[0].startswith("re:") else cfg.exclude
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        exclude_modules=list(cfg.exclude) or None, layers_to_transform=sorted(layers) if layers else None,
+        exclude_modules=exclude or None, layers_to_transform=sorted(layers) if layers else None,
         rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern, use_rslora=cfg.use_rslora, bias=cfg.bias,
         modules_to_save=cfg.modules_to_save or None, task_type=task_type_of(model),
         fan_in_fan_out=any(m.codec.name == "Conv1D" for m in model.modules() if isinstance(m, LoRALayer)),
@@ -76,7 +81,7 @@ def build(case: str) -> tuple[nn.Module, nn.Module, LoRAConfig]:
     cfg = LoRAConfig(r=4, alpha=8, **kwargs)
     ours = FAMILIES[family]()
     apply_lora(ours, cfg)
-    theirs = get_peft_model(FAMILIES[family](), peft_config(ours, cfg))
+    theirs = get_peft_model(FAMILIES[family](), peft_config(ours, cfg)).eval()  # PEFT's new dropouts start in train mode
     return ours, theirs, cfg
 
 

@@ -175,3 +175,20 @@ def test_merge_refuses_non_finite_results_and_changes_nothing(family: str, unloa
     with unchanged(model), pytest.raises(MergeError, match=rf"{path}: merging adapters \['default'\] gives non-finite"):
         merge_lora(model, unload=unload)
     assert lora_structure(model) == structure and all(not layer.merged_adapters for _, layer in lora_layers(model))
+
+
+def test_adapter_dropout_follows_the_mode_of_the_wrapped_layer(family: str, tmp_path) -> None:
+    """New adapter modules take the wrapped layer's train/eval mode: an eval model stays deterministic after
+    apply_lora / load_adapter with dropout > 0 (PEFT's get_peft_model leaves them in training mode)."""
+    config = LoRAConfig(r=4, alpha=8, targets="all-linear", dropout=0.5)
+    model, ids = _adapted(family, config), input_ids()
+    assert not any(m.training for m in model.modules())
+    save_adapter(model, tmp_path)
+    fresh = FAMILIES[family]()
+    load_adapter(fresh, tmp_path)
+    loaded = logits(fresh, ids)
+    assert torch.equal(loaded, logits(model, ids)) and torch.equal(loaded, logits(fresh, ids))
+    torch.testing.assert_close(logits(merge_lora(fresh), ids), loaded, rtol=0, atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout on in training
