@@ -33,16 +33,12 @@ from lightning_lora.surgery.checkpoint import (
     install_load_guard,
 )
 from lightning_lora.surgery.config import LoRAConfig
+from lightning_lora.surgery.quant_config import QuantConfig
 from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.freeze import frozen_in_optimizers, trainable_not_in_optimizers
 from lightning_lora.surgery.identity import identity_differences, model_identity
 from lightning_lora.surgery.registry import adapter_configs
 from lightning_lora.surgery.report import SurgeryReport
-
-try:  # 4-bit quantization (QLoRA) lives in its own module; the type is only needed for CLI parsing.
-    from lightning_lora.surgery.quantize import QuantConfig
-except ImportError:  # pragma: no cover - depends on the QLoRA module being present
-    QuantConfig = Any  # type: ignore[misc,assignment]
 
 _STATE_VERSION = 1
 
@@ -87,6 +83,8 @@ class LoRAFinetuning(Callback):
                  adapter_name: str = DEFAULT_ADAPTER) -> None:
         if isinstance(config, dict):
             config = LoRAConfig.from_dict(config)
+        if isinstance(quantize, dict):
+            quantize = QuantConfig(**quantize)
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(f"config={config!r}: expected a LoRAConfig (or a dict of its fields), or None for the defaults.")
         if not isinstance(adapter_name, str) or not adapter_name:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -14,6 +13,7 @@ from lightning_lora.callbacks._model_ready import target_module
 from lightning_lora.surgery.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.export import ExportReport, export_merged
+from lightning_lora.surgery.merge_bases import MergeBase
 from lightning_lora.surgery.registry import adapter_configs, find_lora_root
 
 
@@ -32,7 +32,8 @@ class MergeAndExport(Callback):
         module: Attribute path of the adapted network inside the LightningModule. Default: None (found from where
             the LoRA surgery ran).
         adapter_name: Which adapter to export. Default: ``"default"``.
-        merge_base: Passed to ``merge_lora`` (for quantized bases) when set. Default: None.
+        merge_base: For a 4-bit (QLoRA) base: ``"dequantized"`` (a dense model reproducing the trained one) or
+            ``"requantize"`` (stays 4-bit), passed to ``merge_lora``. Default: None (``merge_lora``'s default).
 
     Example:
         >>> import lightning as L
@@ -40,7 +41,7 @@ class MergeAndExport(Callback):
     """
 
     def __init__(self, dirpath: str | Path, *, module: str | None = None, adapter_name: str = DEFAULT_ADAPTER,
-                 merge_base: Any = None) -> None:
+                 merge_base: MergeBase | None = None) -> None:
         self.dirpath = Path(dirpath)
         self.module = module
         self.adapter_name = adapter_name

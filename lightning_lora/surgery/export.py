@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from lightning_lora.surgery._io import atomic_dir
 from lightning_lora.surgery.adapters import save_adapter
 from lightning_lora.surgery.apply import DEFAULT_ADAPTER, merge_lora
 from lightning_lora.surgery.errors import SurgeryError
+from lightning_lora.surgery.merge_bases import MergeBase
 from lightning_lora.surgery.registry import adapter_configs, find_lora_root
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class ExportReport:
 
 
 def export_merged(model: nn.Module, dirpath: str | Path, *, adapter_name: str = DEFAULT_ADAPTER, adapter: bool = True,
-                  probe: Any = None, tokenizer: Any = None, merge_base: Any = None) -> ExportReport:
+                  probe: Any = None, tokenizer: Any = None, merge_base: MergeBase | None = None) -> ExportReport:
     """Write adapter ``adapter_name`` (PEFT format) and the model with it merged, atomically; ``model`` is unchanged.
 
     Args:
@@ -78,8 +78,8 @@ def export_merged(model: nn.Module, dirpath: str | Path, *, adapter_name: str = 
         probe: Input for the merged-vs-unmerged check: a tensor, or a tuple of positional inputs. Default: for a
             transformers model with a vocabulary, 2 x 16 seeded random token ids; otherwise no check.
         tokenizer: Saved beside a transformers model when given (anything with ``save_pretrained``).
-        merge_base: Passed to :func:`merge_lora` when given (for quantized bases; needs a ``merge_lora`` that
-            accepts it). Default: None.
+        merge_base: For a 4-bit (QLoRA) base, passed to :func:`merge_lora`: ``"dequantized"`` (a dense model that
+            reproduces the trained one) or ``"requantize"`` (stays 4-bit). Default: None (``merge_lora``'s default).
 
     Returns:
         An :class:`ExportReport` (also written to ``export.json``).
@@ -109,13 +109,8 @@ def export_merged(model: nn.Module, dirpath: str | Path, *, adapter_name: str = 
     return report
 
 
-def _merge_kwargs(merge_base: Any) -> dict[str, Any]:
-    if merge_base is None:
-        return {}
-    if "merge_base" not in inspect.signature(merge_lora).parameters:
-        raise TypeError(f"merge_base={merge_base!r}: this version's merge_lora has no `merge_base` option. "
-                        "HINT: leave merge_base unset (None) to merge into the base weights as they are.")
-    return {"merge_base": merge_base}
+def _merge_kwargs(merge_base: MergeBase | None) -> dict[str, Any]:
+    return {} if merge_base is None else {"merge_base": merge_base}
 
 
 def _write_merged(merged: nn.Module, out: Path, is_hf: bool, tokenizer: Any) -> None:

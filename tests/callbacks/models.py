@@ -55,6 +55,34 @@ def token_data(n: int = BATCHES_PER_EPOCH * BATCH, seed: int = 1234, vocab: int 
     return TensorDataset(torch.randint(0, vocab, (n, SEQ), generator=generator))
 
 
+class ResumableLoader:
+    """Fixed batches whose position Lightning saves in checkpoints (it checkpoints loaders with ``state_dict``).
+
+    A plain DataLoader restarts its epoch on a mid-epoch resume (Lightning issues #19617, #19815), which has
+    nothing to do with LoRA; this loader lets the tests resume at any step.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_size: int) -> None:
+        ids = dataset.tensors[0]
+        self.batches = [[ids[i : i + batch_size]] for i in range(0, len(ids), batch_size)]
+        self.start = self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        start, self.start = self.start, 0
+        for i in range(start, len(self.batches)):
+            self.pos = i + 1
+            yield self.batches[i]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = state["pos"] % len(self.batches)
+
+
 class TinyModule(L.LightningModule):
     """Next-token prediction with :class:`TinyNet` as ``self.model``.
 
@@ -63,10 +91,11 @@ class TinyModule(L.LightningModule):
         scheduler: Add a per-step LambdaLR scheduler.
         optimizer_params: ``"trainable"`` (the right way), ``"all"`` (all parameters, frozen ones included), or
             ``"captured"`` (parameters captured in ``__init__``, before any surgery: LightningCLI's automatic optimizer).
+        resumable: Serve batches from a :class:`ResumableLoader` (exact mid-epoch resume) instead of a DataLoader.
     """
 
     def __init__(self, hidden: int = 32, num_layers: int = 2, seed: int = 0, lr: float = 0.05, build_in: str = "init",
-                 scheduler: bool = False, optimizer_params: str = "trainable") -> None:
+                 scheduler: bool = False, optimizer_params: str = "trainable", resumable: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: TinyNet | None = TinyNet(hidden, num_layers, seed) if build_in == "init" else None
@@ -96,7 +125,9 @@ class TinyModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ResumableLoader:
+        if self.hparams.resumable:
+            return ResumableLoader(token_data(), BATCH)
         return DataLoader(token_data(), batch_size=BATCH, shuffle=False)
 
 
