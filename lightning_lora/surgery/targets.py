@@ -80,13 +80,21 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def output_head_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
-    """Paths of the model's output head(s), excluded from ``"all-linear"``."""
+    """Paths of the model's output head(s), excluded from ``"all-linear"``.
+
+    Heads of transformers models anywhere inside ``model`` count, so that adapting a LightningModule that holds the
+    network as ``self.model`` leaves out ``model.lm_head`` just as adapting the network itself leaves out ``lm_head``.
+    """
     heads: set[str] = set()
-    get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    if output is not None:
-        heads |= {n for n, m in modules.items() if m is output}
-    heads |= {n for n in modules if n in _HEAD_NAMES}
+    for path, module in modules.items():
+        get_output = getattr(module, "get_output_embeddings", None)
+        if path and not callable(get_output):
+            continue
+        output = get_output() if callable(get_output) else None
+        if output is not None:
+            heads |= {n for n, m in modules.items() if m is output}
+        prefix = f"{path}." if path else ""
+        heads |= {f"{prefix}{name}" for name in _HEAD_NAMES if f"{prefix}{name}" in modules}
     return heads
 
 

@@ -84,6 +84,18 @@ def test_presets_on_every_family(family: str) -> None:
     assert not {"lm_head", "classifier"} & set(names(model, targets="all-linear"))
 
 
+@pytest.mark.parametrize("family", sorted(PRESETS))
+def test_all_linear_leaves_out_the_head_of_a_network_held_by_a_lightning_module(family: str) -> None:
+    """Adapting a LightningModule that holds the network as ``self.model`` selects the same layers (with the
+    ``model.`` prefix) as adapting the network: its ``lm_head`` / ``classifier`` stays out."""
+    from lightning.pytorch import LightningModule
+
+    holder = LightningModule()
+    holder.model = FAMILIES[family]()
+    direct = names(FAMILIES[family](), targets="all-linear")
+    assert names(holder, targets="all-linear") == [f"model.{n}" for n in direct]
+
+
 def test_gpt2_attention_and_mlp_c_proj_are_told_apart() -> None:
     model = FAMILIES["gpt2"]()
     assert names(model, targets="attention", layers=[0]) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
