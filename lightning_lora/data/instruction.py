@@ -1,0 +1,348 @@
+"""The instruction-tuning data module: JSONL records -> token batches with the loss on the answer only.
+
+A record's prompt is every message but the last, rendered with the tokenizer's chat template and its
+generation prompt; the completion is the assistant's answer plus the template's end-of-turn text. Without a
+chat template the prompt is the messages' contents joined by blank lines plus a newline, and the completion
+is the answer plus the EOS token. Labels are ``-100`` (ignored by the loss) on prompt and padding tokens.
+
+Validation batches also carry what generation-based exact match needs: the prompts alone, left-padded
+(``gen_input_ids``, ``gen_attention_mask``), and the reference answers (``answers``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_lora.data.jsonl import Conversation, read_instruction_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF's loss) skips
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One tokenised record: ``input_ids = prompt_ids + completion ids``; ``labels`` masks the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int]
+    answer: str
+    truncated: bool = False
+
+
+class EvalPrompt(NamedTuple):
+    """A rendered prompt (text ready for generation, template applied) and its reference answer."""
+
+    prompt: str
+    answer: str
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(messages: Conversation, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
+    """Render the prompt part of a conversation (all messages but the answer) as text.
+
+    Args:
+        messages: The whole conversation; its last message (the answer) is left out.
+        tokenizer: Supplies the chat template.
+        use_chat_template: Apply the chat template with its generation prompt; else join the contents with
+            blank lines and end with a newline.
+    """
+    context = [dict(m) for m in messages[:-1]]
+    if use_chat_template:
+        return tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in context) + "\n"
+
+
+def render_completion(messages: Conversation, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
+    """Render what the model must learn to produce after the prompt: the answer and the end of its turn.
+
+    With a chat template this is the full rendering minus the prompt rendering, so it includes the
+    template's end-of-turn text (e.g. ``"2021-03-03<|im_end|>\\n"``). Without one it is the bare answer; the
+    EOS token id is appended by :func:`tokenize_conversation`.
+
+    Raises:
+        ValueError: If the template does not render the prompt as a prefix of the whole conversation.
+    """
+    if not use_chat_template:
+        return messages[-1]["content"]
+    prompt = render_prompt(messages, tokenizer, True)
+    full = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(
+            "the tokenizer's chat template does not render the prompt (with add_generation_prompt=True) as a "
+            f"prefix of the whole conversation, so the answer cannot be isolated: prompt={prompt[-80:]!r}, "
+            f"full={full[-120:]!r}. Set use_chat_template to false, or fix the template"
+        )
+    return full[len(prompt) :]
+
+
+def _fit_length(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut the prompt from the left (keeping one token), then the completion from the right, to fit."""
+    overflow = len(prompt) + len(completion) - max_length
+    if overflow <= 0:
+        return prompt, completion
+    prompt = prompt[max(0, min(overflow, len(prompt) - 1)) :]
+    return prompt, completion[: max_length - len(prompt)]
+
+
+def tokenize_conversation(
+    messages: Conversation, tokenizer: PreTrainedTokenizerBase, max_length: int, use_chat_template: bool
+) -> TokenizedExample:
+    """Tokenise one conversation for training and evaluation.
+
+    Prompt and completion are tokenised separately and concatenated, so the training input starts with
+    exactly the tokens that generation is later given. If longer than ``max_length``, the prompt loses
+    tokens from the left first, then the completion from the right.
+
+    Args:
+        messages: The conversation; the last message is the answer.
+        tokenizer: The model's tokenizer.
+        max_length: Longest allowed ``input_ids``.
+        use_chat_template: See :func:`render_prompt`.
+
+    Returns:
+        The tokenised example; ``labels`` is ``-100`` on prompt tokens.
+    """
+    prompt_text = render_prompt(messages, tokenizer, use_chat_template)
+    # A chat template writes its own special tokens (e.g. BOS); a plain prompt gets the tokenizer's.
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not use_chat_template)["input_ids"]
+    completion = render_completion(messages, tokenizer, use_chat_template)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not use_chat_template:
+        completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    truncated = len(prompt_ids) + len(completion_ids) > max_length
+    prompt_ids, completion_ids = _fit_length(prompt_ids, completion_ids, max_length)
+    return TokenizedExample(
+        input_ids=prompt_ids + completion_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+        prompt_ids=prompt_ids,
+        answer=messages[-1]["content"],
+        truncated=truncated,
+    )
+
+
+def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)  # (B, T_max)
+
+
+def collate_examples(
+    examples: Sequence[TokenizedExample], pad_token_id: int, with_generation: bool = False
+) -> dict[str, Any]:
+    """Batch tokenised examples: right-pad to the longest example in the batch.
+
+    Args:
+        examples: The examples of one batch.
+        pad_token_id: Token id used for padding (never seen by the loss or attention).
+        with_generation: Also return ``gen_input_ids`` / ``gen_attention_mask`` (the prompts alone,
+            left-padded so that generated tokens follow every prompt directly) and ``answers``.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (``(B, T)`` long tensors), plus the generation keys.
+    """
+    ids = [e.input_ids for e in examples]
+    batch: dict[str, Any] = {
+        "input_ids": _pad(ids, pad_token_id),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+        "labels": _pad([e.labels for e in examples], IGNORE_INDEX),
+    }
+    if with_generation:
+        prompts = [e.prompt_ids for e in examples]
+        batch["gen_input_ids"] = _pad(prompts, pad_token_id, left=True)
+        batch["gen_attention_mask"] = _pad([[1] * len(r) for r in prompts], 0, left=True)
+        batch["answers"] = [e.answer for e in examples]
+    return batch
+
+
+def split_train_val(
+    records: Sequence[Conversation], val_fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """Split records into train and validation with a seeded shuffle; at least one record stays in train.
+
+    Returns:
+        ``(train, val)``; ``val`` is empty when ``val_fraction`` is 0.
+    """
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(round(len(records) * val_fraction), len(records) - 1) if val_fraction > 0 else 0
+    n_val = max(n_val, 1) if val_fraction > 0 and len(records) > 1 else n_val
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    return train, [records[i] for i in sorted(val_idx)]
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction-tuning data from JSONL files, with the loss on the answer tokens only.
+
+    Files hold ``{"prompt": ..., "response": ...}`` or ``{"messages": [...]}`` records (see
+    ``lightning_lora.data.jsonl``); they are validated before training starts.
+
+    Args:
+        train_file: JSONL file of training records.
+        val_file: JSONL file of validation records. If not given, ``val_fraction`` of ``train_file`` is held
+            out. Default: None.
+        val_fraction: Fraction of ``train_file`` held out for validation when ``val_file`` is not given
+            (seeded split; 0 disables validation). Default: ``0.1``.
+        tokenizer: Model alias or directory to load the tokenizer from; usually linked to the model.
+            Default: None.
+        max_length: Longest tokenised record; longer ones lose prompt tokens from the left. Default: ``256``.
+        batch_size: Training batch size. Default: ``8``.
+        eval_batch_size: Validation batch size (loss and generation). Default: ``16``.
+        num_workers: DataLoader worker processes. Default: ``0``.
+        seed: Seed of the train/val split and of the training shuffle. Default: ``0``.
+        use_chat_template: Render prompts with the tokenizer's chat template; None uses it when the tokenizer
+            has one. Default: None.
+        max_eval_samples: Keep at most this many validation records (first ones), to bound the cost of
+            generation. Default: None (all).
+
+    Example:
+        >>> dm = InstructionDataModule("examples/data/dates/train.jsonl", "examples/data/dates/val.jsonl",
+        ...                            tokenizer="smollm2-135m-instruct")  # doctest: +SKIP
+        >>> dm.setup("fit"); batch = next(iter(dm.val_dataloader()))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float = 0.1,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        use_chat_template: bool | None = None,
+        max_eval_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        _validate_args(val_fraction, max_length, batch_size, eval_batch_size, num_workers, max_eval_samples)
+        self.save_hyperparameters()
+        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
+        self.tokenizer_name, self.use_chat_template = tokenizer, use_chat_template
+        self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
+        self.num_workers, self.seed, self.max_eval_samples = num_workers, seed, max_eval_samples
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_records: list[Conversation] | None = None
+        self.val_records: list[Conversation] = []
+        self.train_examples: list[TokenizedExample] = []
+        self.val_examples: list[TokenizedExample] = []
+
+    def prepare_data(self) -> None:
+        """Validate the files and make the tokenizer available (converts the bundled model once, on rank 0)."""
+        self._read_records()
+        from lightning_lora.modules.loading import resolve_model_path
+
+        resolve_model_path(self._require_tokenizer_name())
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, validate and tokenise the data (once). Raises ``DataFormatError`` on bad files."""
+        if self.tokenizer is not None and self.train_examples:
+            return  # already set up; Lightning may call setup once per stage
+        self._read_records()
+        if self.tokenizer is None:
+            from lightning_lora.modules.loading import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self._require_tokenizer_name())
+        self.train_examples = self._tokenize(self.train_records or [], "train")
+        self.val_examples = self._tokenize(self.val_records, "val")
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches: ``input_ids``, ``attention_mask``, ``labels``."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(self.train_examples, self.batch_size, False, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches: the training keys plus ``gen_input_ids``, ``gen_attention_mask``, ``answers``."""
+        return self._loader(self.val_examples, self.eval_batch_size, True)
+
+    def eval_prompts(self) -> list[EvalPrompt]:
+        """The validation prompts as text (chat template applied) with their answers; needs ``setup`` first."""
+        if self.tokenizer is None:
+            raise RuntimeError("call setup() before eval_prompts(): the tokenizer is not loaded yet")
+        chat = self._use_chat_template()
+        return [EvalPrompt(render_prompt(c, self.tokenizer, chat), c[-1]["content"]) for c in self.val_records]
+
+    def _read_records(self) -> None:
+        if self.train_records is not None:
+            return
+        records = read_instruction_file(self.train_file)
+        if self.val_file:
+            val = read_instruction_file(self.val_file)
+        else:
+            records, val = split_train_val(records, self.val_fraction, self.seed)
+        self.train_records, self.val_records = records, val[: self.max_eval_samples]
+        log.info("instruction data: %d train, %d val records", len(records), len(self.val_records))
+
+    def _require_tokenizer_name(self) -> str:
+        if not self.tokenizer_name:
+            raise ValueError(
+                "InstructionDataModule needs a tokenizer: pass tokenizer= (CLI: --data.tokenizer), usually the "
+                "same model alias or directory as the model"
+            )
+        return self.tokenizer_name
+
+    def _use_chat_template(self) -> bool:
+        available = has_chat_template(self.tokenizer)
+        if self.use_chat_template and not available:
+            raise ValueError(
+                f"use_chat_template=True but the tokenizer {self.tokenizer_name!r} has no chat template; "
+                "set use_chat_template to false, or to null to use one only when present"
+            )
+        return available if self.use_chat_template is None else self.use_chat_template
+
+    def _tokenize(self, records: list[Conversation], split: str) -> list[TokenizedExample]:
+        chat = self._use_chat_template()
+        examples = [tokenize_conversation(r, self.tokenizer, self.max_length, chat) for r in records]
+        truncated = sum(e.truncated for e in examples)
+        if truncated:
+            log.warning(
+                "%d of %d %s records are longer than max_length=%d tokens and were truncated; "
+                "HINT: raise max_length (CLI: --data.max_length)", truncated, len(examples), split, self.max_length
+            )
+        return examples
+
+    def _loader(
+        self, examples: list[TokenizedExample], batch_size: int, with_generation: bool, **kwargs: Any
+    ) -> DataLoader:
+        if self.tokenizer is None:
+            raise RuntimeError("call setup() before asking for dataloaders: the data is not tokenised yet")
+        collate = functools.partial(
+            collate_examples, pad_token_id=self.tokenizer.pad_token_id, with_generation=with_generation
+        )
+        return DataLoader(examples, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate, **kwargs)
+
+
+def _validate_args(
+    val_fraction: float, max_length: int, batch_size: int, eval_batch_size: int, num_workers: int,
+    max_eval_samples: int | None,
+) -> None:  # fmt: skip
+    problems = []
+    if not 0 <= val_fraction < 1:
+        problems.append(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1),
+                             ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):  # fmt: skip
+        if value < low:
+            problems.append(f"{name} must be >= {low}, got {value!r}")
+    if max_eval_samples is not None and max_eval_samples < 1:
+        problems.append(f"max_eval_samples must be >= 1 or None, got {max_eval_samples!r}")
+    if problems:
+        raise ValueError("invalid InstructionDataModule arguments: " + "; ".join(problems))

@@ -1,0 +1,218 @@
+"""The built-in LightningModule: a Hugging Face causal LM trained on the answer tokens of instruction data.
+
+The model is loaded in ``configure_model`` (not ``__init__``), so a callback can wrap that hook and run LoRA
+surgery right after the weights exist; the optimizer is then built over the parameters that still require
+gradients.
+
+Example:
+    >>> import lightning as L
+    >>> from lightning_lora.data.instruction import InstructionDataModule
+    >>> module = CausalLMModule("smollm2-135m-instruct")
+    >>> data = InstructionDataModule("examples/data/dates/train.jsonl", "examples/data/dates/val.jsonl",
+    ...                              tokenizer="smollm2-135m-instruct")
+    >>> L.Trainer(accelerator="cpu", max_steps=10).fit(module, data)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric, Metric
+
+from lightning_lora.modules.loading import DtypeName, load_causal_lm, resolve_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label the loss skips; the data module writes it on prompt and padding tokens
+
+
+def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with lr 2e-4, the default of :class:`CausalLMModule`."""
+    return torch.optim.AdamW(params, lr=2e-4)
+
+
+class ExactMatch(Metric):
+    """Fraction of predictions equal to their reference once surrounding whitespace is stripped."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        """Count ``predictions[i].strip() == references[i].strip()``."""
+        if len(predictions) != len(references):
+            raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
+        self.correct += sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        self.total += len(references)
+
+    def compute(self) -> torch.Tensor:
+        """The exact-match rate in [0, 1] (0 when nothing was counted)."""
+        return self.correct / self.total.clamp(min=1)
+
+
+class CausalLMModule(L.LightningModule):
+    """Fine-tune a causal LM on instruction batches (loss on answer tokens) and score greedy answers.
+
+    Args:
+        model: Model alias (``"smollm2-135m-instruct"``, the bundled 135M model), a local directory written
+            by ``save_pretrained``, or a hub name ``org/name``. Default: ``"smollm2-135m-instruct"``.
+        dtype: Weight dtype: ``auto`` (float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+            Default: ``"auto"``.
+        optimizer: Builds the optimizer from the trainable parameters. Default: AdamW, lr 2e-4.
+        scheduler: Builds a learning-rate scheduler from the optimizer, stepped every training step.
+            Default: None.
+        max_new_tokens: Tokens generated per validation prompt for exact match. Default: ``16``.
+        exact_match: Generate greedily on validation prompts and log ``val_exact_match``. Default: ``True``.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        dtype: DtypeName = "auto",
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 16,
+        exact_match: bool = True,
+    ) -> None:
+        super().__init__()
+        resolve_dtype(dtype)  # fail at construction on a bad name, not at fit time
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        # Optimizer callables are often lambdas or classes: not serialisable into checkpoints.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model_name_or_path = model
+        self.load_dtype = dtype
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.max_new_tokens = max_new_tokens
+        self.exact_match = exact_match
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_loss_mean = MeanMetric()
+        self.val_exact_match = ExactMatch()
+
+    def configure_model(self) -> None:
+        """Load the model and tokenizer, once; later calls do nothing (Lightning may call this repeatedly)."""
+        if self.model is not None:
+            return
+        self.model, self.tokenizer = load_causal_lm(self.model_name_or_path, self.load_dtype)
+        # from_pretrained returns eval mode and Lightning >= 2.2 keeps submodule modes as found, which would
+        # leave dropout (LoRA's included) off during training.
+        self.model.train(self.training)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run the wrapped model; returns its output (with ``.loss`` when ``labels`` is given)."""
+        return self._require_model()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Causal-LM loss on the answer tokens; logs ``train_loss``."""
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the token-weighted loss and, if the batch has ``answers``, greedy exact match."""
+        loss = self._loss(batch)
+        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the loss counts shifted labels
+        self.val_loss_mean.update(loss.detach(), weight=n_tokens)
+        if self.exact_match and "answers" in batch:
+            predictions = self.generate_answers(batch["gen_input_ids"], batch["gen_attention_mask"])
+            self.val_exact_match.update(predictions, batch["answers"])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss``, ``val_ppl`` (exp of the mean token loss) and ``val_exact_match``."""
+        if self.val_loss_mean.update_called:
+            mean_loss = self.val_loss_mean.compute()
+            self.log("val_loss", mean_loss, prog_bar=True)
+            self.log("val_ppl", torch.exp(mean_loss))
+        if self.val_exact_match.update_called:
+            self.log("val_exact_match", self.val_exact_match.compute(), prog_bar=True)
+        self.val_loss_mean.reset()
+        self.val_exact_match.reset()
+
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer over parameters with ``requires_grad`` only, so earlier freezing is respected."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(
+                "no trainable parameters: every parameter has requires_grad=False. "
+                "HINT: check the LoRA target modules, or unfreeze some parameters"
+            )
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "step"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config.update(interval="epoch", monitor="val_loss")
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @torch.no_grad()
+    def generate_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        """Greedily continue left-padded prompts and decode only the new tokens.
+
+        Args:
+            input_ids: ``(B, T)`` prompt ids, left-padded.
+            attention_mask: ``(B, T)``, 0 on padding.
+
+        Returns:
+            One decoded string per prompt, special tokens removed.
+        """
+        model, tokenizer = self._require_model(), self.tokenizer
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (B, T + new)
+        return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+    def evaluate_exact_match(self, dataloader: Iterable[dict[str, Any]]) -> float:
+        """Exact-match rate of greedy answers over batches with ``gen_input_ids``/``answers``, outside a Trainer.
+
+        Args:
+            dataloader: E.g. ``InstructionDataModule.val_dataloader()``.
+
+        Returns:
+            The fraction of answers matched exactly (after stripping whitespace), in [0, 1].
+
+        Raises:
+            KeyError: If a batch lacks the generation keys.
+        """
+        self.configure_model()
+        metric = ExactMatch().to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in dataloader:
+                missing = {"gen_input_ids", "gen_attention_mask", "answers"} - set(batch)
+                if missing:
+                    raise KeyError(f"batch lacks {sorted(missing)}; use a validation dataloader (with_generation)")
+                ids = batch["gen_input_ids"].to(self.device)
+                mask = batch["gen_attention_mask"].to(self.device)
+                metric.update(self.generate_answers(ids, mask), batch["answers"])
+        finally:
+            self.train(was_training)
+        return float(metric.compute())
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        # HF shifts the labels and averages cross-entropy over the non-(-100) ones: the answer tokens.
+        return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+
+    def _require_model(self) -> PreTrainedModel:
+        if self.model is None:
+            raise RuntimeError("the model is not loaded yet: call configure_model() (the Trainer does it)")
+        return self.model

@@ -1,0 +1,149 @@
+"""Load a causal language model and its tokenizer from an alias, a local directory or a hub name.
+
+Example:
+    >>> model, tokenizer = load_causal_lm("smollm2-135m-instruct")  # doctest: +SKIP
+    >>> tokenizer.pad_token is not None  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from lightning_lora.modules.smollm2 import smollm2_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+# Names that resolve to a directory this package can produce offline.
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": smollm2_dir,
+    "smollm2": smollm2_dir,
+}
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _accepted() -> str:
+    return (
+        f"an alias ({', '.join(repr(a) for a in MODEL_ALIASES)}), a local directory with a config.json, "
+        "or a Hugging Face Hub name like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    )
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn a model alias, local directory or hub name into what ``from_pretrained`` accepts.
+
+    Args:
+        name_or_path: An alias from :data:`MODEL_ALIASES` (the bundled model is converted on first use),
+            a local directory, or a hub name of the form ``org/name``.
+
+    Returns:
+        A local directory path, or the hub name unchanged.
+
+    Raises:
+        FileNotFoundError: If ``name_or_path`` is none of the accepted forms, or is a directory without a
+            ``config.json``.
+    """
+    alias = name_or_path.strip().lower()
+    if alias in MODEL_ALIASES:
+        return str(MODEL_ALIASES[alias]())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(
+                f"{name_or_path!r} is a directory but holds no config.json or tokenizer_config.json; "
+                "point at a directory written by save_pretrained"
+            )
+        return str(path)
+    if _HUB_NAME.match(name_or_path) and not name_or_path.startswith((".", "~")):
+        return name_or_path
+    raise FileNotFoundError(f"model {name_or_path!r} not found: no such directory. Accepted: {_accepted()}")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map a dtype name to a ``torch.dtype``.
+
+    ``"auto"`` is ``torch.get_default_dtype()``: float32, unless a Lightning ``*-true`` precision has set
+    another default around ``configure_model``. CPUs without AMX run bf16 matmuls ~10x slower than fp32, so
+    float32 is the right default there.
+
+    Raises:
+        ValueError: If ``dtype`` is not one of ``auto``, ``float32``, ``bfloat16``, ``float16``.
+    """
+    if dtype == "auto":
+        return torch.get_default_dtype()
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: 'auto', {', '.join(repr(d) for d in _DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _from_pretrained(loader: Callable[..., object], resolved: str, name_or_path: str, **kwargs: object) -> object:
+    try:
+        return loader(resolved, **kwargs)
+    except OSError as err:
+        if Path(resolved).is_dir():
+            raise
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a local directory, and loading it from the Hugging Face Hub failed "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). Accepted: {_accepted()}"
+        ) from err
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model, with a pad token (the EOS token if it has none).
+
+    Args:
+        name_or_path: As for :func:`resolve_model_path`.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: See :func:`resolve_model_path`.
+    """
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_path(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, resolved, name_or_path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: DtypeName = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: An alias (``"smollm2-135m-instruct"``, ``"smollm2"``), a local directory written by
+            ``save_pretrained``, or a hub name ``org/name``.
+        dtype: Weight dtype; ``"auto"`` is float32 on CPU (see :func:`resolve_dtype`). Default: ``"auto"``.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token and the model's generation config knows it.
+
+    Raises:
+        FileNotFoundError: If the model cannot be found (the message lists what is accepted).
+        ValueError: If ``dtype`` is unknown.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(name_or_path)
+    resolved = resolve_model_path(name_or_path)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, resolved, name_or_path, dtype=torch_dtype)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    log.info("loaded %s (%s, %.1fM parameters)", resolved, torch_dtype, model.num_parameters() / 1e6)
+    return model, tokenizer
