@@ -77,7 +77,9 @@ def requantize_(module: nn.Module, weight: Tensor) -> None:
     """Quantize a dense ``(out, in)`` weight into ``module`` with its own settings, in place.
 
     Block size, NF4/FP4, double quantization and storage dtype are kept; the ``Params4bit`` object stays the same
-    (its data and quant state are replaced), so references to it stay valid.
+    (its data and quant state are replaced), so references to it stay valid. Writing back exactly the dense weight
+    the layer held before its last re-quantization restores that packed state bit for bit (re-quantizing it would
+    round the double-quantized scales again): so merge with ``unload=False`` then unmerge is exact.
     """
     params = module.weight
     if not is_quantized(module):
@@ -85,15 +87,40 @@ def requantize_(module: nn.Module, weight: Tensor) -> None:
             params.data.copy_(weight.to(dtype=params.dtype, device=params.device))
         return
     functional = require("bitsandbytes").functional
+    previous = module.__dict__.pop(_PREVIOUS_ATTR, None)
+    if previous is not None and _holds(functional, previous, weight):
+        _set_packed(module, *previous)
+        return
     _, state = _packed(module)
     dense = weight.detach().to(device=params.device, dtype=state.dtype).contiguous()
     data, new_state = functional.quantize_4bit(
         dense, blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type,
         quant_storage=params.quant_storage,
     )
-    params.data = data
-    params.quant_state = new_state
-    module.quant_state = new_state
+    module.__dict__[_PREVIOUS_ATTR] = (params.data, params.quant_state)
+    _set_packed(module, data, new_state)
+
+
+_PREVIOUS_ATTR = "_lora_previous_packed"
+
+
+def forget_previous_(module: nn.Module) -> None:
+    """Drop the packed state :func:`requantize_` keeps for an exact undo (when no undo will come), in place."""
+    module.__dict__.pop(_PREVIOUS_ATTR, None)
+
+
+def _holds(functional: Any, previous: tuple[Tensor, Any], weight: Tensor) -> bool:
+    data, state = previous
+    if getattr(state, "packing_format_for_cpu", False):
+        return False
+    dense = functional.dequantize_4bit(data, state)  # (out, in)
+    return dense.shape == weight.shape and torch.equal(dense, weight.to(device=dense.device, dtype=dense.dtype))
+
+
+def _set_packed(module: nn.Module, data: Tensor, state: Any) -> None:
+    module.weight.data = data
+    module.weight.quant_state = state
+    module.quant_state = state
 
 
 def quant_settings(module: nn.Module) -> dict[str, Any]:

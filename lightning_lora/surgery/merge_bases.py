@@ -145,6 +145,8 @@ def _apply(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str]]], quant
             layer.merged_adapters.extend(names)
         else:
             layer.merge(names, keep_original=keep_original)  # dense layer, or re-quantized in place (codec)
+            if not keep_original:
+                bnb4bit.forget_previous_(layer.base_layer)  # no unmerge will come: keep no second packed copy
     for path in set(merged) - wrapped:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

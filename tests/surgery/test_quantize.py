@@ -176,3 +176,15 @@ def test_importing_the_package_does_not_import_bitsandbytes() -> None:
     code = ("import sys, lightning_lora; from lightning_lora import QuantConfig, quantize_model; "
             "QuantConfig(); assert 'bitsandbytes' not in sys.modules, 'bitsandbytes imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_quant_config_from_a_yaml_config_with_jsonargparse() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--quantize", type=QuantConfig | None, default=None)
+    cfg = parser.parse_string("quantize: {quant_type: fp4, blocksize: 128, exclude: [lm_head]}")
+    quantize = parser.instantiate_classes(cfg).quantize
+    assert quantize == QuantConfig(quant_type="fp4", blocksize=128, exclude=["lm_head"])
+    with pytest.raises(Exception, match=r"Expected a typing.Literal\['nf4', 'fp4'\]. Got value: int4"):
+        parser.parse_string("quantize: {quant_type: int4}")
