@@ -59,7 +59,9 @@ def _sample(tensor: torch.Tensor, k: int) -> bytes:
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return b"-"
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(k, flat.numel()), device=flat.device).long()
+    n, k = flat.numel(), min(k, flat.numel())
+    # Integer spacing: a float32 linspace rounds indices past the end for tensors of ~2^24+ elements.
+    index = torch.tensor([i * (n - 1) // max(k - 1, 1) for i in range(k)], dtype=torch.long, device=flat.device)
     return flat[index].to("cpu", torch.float64).numpy().tobytes()
 
 
