@@ -29,6 +29,20 @@ from lightning_lora.surgery import (
     unmerge_lora,
 )
 
+from lightning_lora.surgery.combine import CombineError, combine_adapters
+from lightning_lora.surgery.mixed import MixedBatchError, mixed_batch
+from lightning_lora.surgery.multi import (
+    UnknownAdapterError,
+    delete_adapter,
+    disable_adapters,
+    get_active_adapters,
+    list_adapters,
+    load_adapters,
+    save_adapters,
+    set_active_adapters,
+    use_adapters,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -37,4 +51,7 @@ __all__ = [
     "unload_lora", "unmerge_lora", "__version__",
     # QLoRA
     "QuantConfig", "QuantReport", "QuantizationError", "compare_merge_bases", "prepare_for_kbit_training", "quantize_model",
+    # several adapters on one base
+    "CombineError", "MixedBatchError", "UnknownAdapterError", "combine_adapters", "delete_adapter", "disable_adapters", "get_active_adapters",
+    "list_adapters", "load_adapters", "mixed_batch", "save_adapters", "set_active_adapters", "use_adapters",
 ]

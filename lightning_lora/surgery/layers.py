@@ -8,6 +8,7 @@ parameters, so tools that swap every ``nn.Linear`` never touch the adapter facto
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,11 +103,16 @@ class LoRALayer(nn.Module):
         return dtype, weight.device
 
     # ----------------------------------------------------------------------------------------------- forward
+    # Set (per instance) only inside `mixed_batch(...)`: ``row_update(layer, result, x)`` adds each row's own adapter.
+    row_update: Callable[[LoRALayer, Tensor, Tensor], Tensor] | None = None
+
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         """``base(x)`` plus each active, unmerged adapter's scaled low-rank update."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.row_update is not None:  # a mixed batch, each row with its own adapter: see surgery/mixed.py
+            return self.row_update(self, result, x)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = self._add_update(result, x, name)

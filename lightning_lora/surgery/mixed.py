@@ -1,0 +1,223 @@
+"""Mixed-batch inference: one forward (or ``generate``) where each batch row uses its own adapter, or none.
+
+Multi-LoRA servers (Punica, S-LoRA, vLLM, LoRAX) keep one base model and pick the adapter per request. Here, inside
+``with mixed_batch(model, ["legal", "base", "medical", ...]):``, every LoRA layer computes the base output once
+for the whole batch and adds to row ``i`` the update of adapter ``names[i]``, without merging and without a loop
+over requests or adapters:
+
+* each layer keeps its adapters stacked once, ``At (N+1, in, r_max)`` and ``Bt (N+1, r_max, out)`` with the scale
+  folded into ``Bt``, smaller ranks zero-padded and a zero slot for the bare base (padding and the zero slot add
+  exact zeros); the stack is rebuilt only when an adapter changes (added, deleted, or its weights written);
+* per call, the rows' slots are gathered once (``index_select``) and reused by every forward of the block
+  (``generate``'s decoding steps);
+* the update is two batched matmuls, ``baddbmm(result, bmm(x, At[rows]), Bt[rows])``: the same FLOPs as a single
+  adapter, whatever the number of adapters, where a per-adapter loop (PEFT's ``adapter_names``) pays a gather,
+  two small matmuls and a scatter per adapter and layer;
+* a layer where every row uses the same adapter takes the ordinary single-adapter path, and one where no row's
+  adapter is present returns the base output untouched.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_lora import LoRAConfig, apply_lora, mixed_batch
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    >>> _ = apply_lora(model, LoRAConfig(r=2, targets=["0"]), name="legal")
+    >>> _ = apply_lora(model, LoRAConfig(r=4, targets=["0", "2"]), name="medical")
+    >>> with torch.no_grad(), mixed_batch(model, ["legal", "base", "medical"]):
+    ...     out = model(torch.randn(3, 8))  # row 0: legal, row 1: the bare base, row 2: medical
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lora.surgery.errors import SurgeryError
+from lightning_lora.surgery.layers import LoRALayer
+from lightning_lora.surgery.multi import UnknownAdapterError, list_adapters
+from lightning_lora.surgery.registry import lora_layers
+
+BASE = "base"
+"""The row name meaning "the bare base model, no adapter" (PEFT's ``"__base__"`` is accepted too)."""
+
+_BASE_NAMES = (BASE, "__base__")
+_STACK_ATTR = "_mixed_batch_stack"
+
+
+class MixedBatchError(ValueError):
+    """The row names of a mixed batch do not fit the model or the batch (unknown adapter, wrong row count)."""
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: int = 1) -> Iterator[nn.Module]:
+    """Inside the block, row ``i`` of every forward uses adapter ``adapter_names[i]`` (``"base"``: no adapter).
+
+    Covers ``model(...)`` and ``model.generate(...)`` (whose forwards all see the same rows). Outputs match running
+    each row alone with its adapter active, up to fp32 rounding. Adapters only: ``modules_to_save`` and trained
+    biases are shared by every row.
+
+    Args:
+        model: A model with LoRA layers, in eval mode, no adapter merged.
+        adapter_names: One adapter name per batch row; ``"base"`` (or ``"__base__"``) for the bare base model.
+        num_beams: Rows are also accepted ``num_beams`` times each, in order (``generate(num_beams=k)`` repeats
+            every input row ``k`` times). Default: 1.
+
+    Yields:
+        The model.
+
+    Raises:
+        UnknownAdapterError: If a name is not an adapter of the model (the message lists the known ones).
+        MixedBatchError: If ``adapter_names`` is not a list of names, or (during a forward) a layer gets a batch
+            whose size is neither ``len(adapter_names)`` nor ``len(adapter_names) * num_beams``.
+        SurgeryError: If the model is in training mode, has merged or disabled adapters, no LoRA layers, or is
+            already inside ``mixed_batch``.
+    """
+    names = _check_names(model, adapter_names, num_beams)
+    layers = _check_state(lora_layers(model))
+    router = _Router(names, num_beams, {id(layer): path for path, layer in layers})
+    try:
+        for _, layer in layers:
+            layer.row_update = router
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.__dict__.pop("row_update", None)
+
+
+def clear_mixed_batch_cache(model: nn.Module) -> int:
+    """Free the stacked adapter copies that :func:`mixed_batch` keeps on each layer between calls.
+
+    Returns:
+        How many layers held one.
+    """
+    return sum(layer.__dict__.pop(_STACK_ATTR, None) is not None for _, layer in lora_layers(model))
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def _check_names(model: nn.Module, adapter_names: Sequence[str], num_beams: int) -> list[str]:
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
+        raise MixedBatchError(f"mixed_batch: adapter_names={adapter_names!r}; give a non-empty list with one adapter "
+                              f"name per batch row, e.g. ['legal', 'base', 'medical'].")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise MixedBatchError(f"mixed_batch: num_beams={num_beams!r}; must be a positive integer (generate's num_beams).")
+    known = list_adapters(model)
+    clash = [n for n in _BASE_NAMES if n in known]
+    if clash:
+        raise MixedBatchError(f"mixed_batch: the model has an adapter named {clash[0]!r}, which mixed_batch reserves for "
+                              f"the bare base model; load or combine it under another name.")
+    unknown = [n for n in dict.fromkeys(adapter_names) if n not in known and n not in _BASE_NAMES]
+    if unknown:
+        raise UnknownAdapterError(f"mixed_batch: no adapter named {', '.join(map(repr, unknown))} on this model; its "
+                                  f"adapters are {known or 'none'}, and {BASE!r} means the bare base model.")
+    return [BASE if n in _BASE_NAMES else n for n in adapter_names]
+
+
+def _check_state(layers: list[tuple[str, LoRALayer]]) -> list[tuple[str, LoRALayer]]:
+    if not layers:
+        raise SurgeryError("mixed_batch: the model has no LoRA layers; apply_lora(model, config) or load_adapter(...) first.")
+    training = [p for p, layer in layers if layer.training]
+    if training:
+        raise SurgeryError(f"mixed_batch is for inference, but {len(training)} LoRA layers (e.g. {training[0]!r}) are in "
+                           f"training mode; call model.eval() first.")
+    merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
+    if merged:
+        raise SurgeryError(f"mixed_batch: adapters {merged} are merged into the base weights, so rows cannot choose "
+                           f"them; call unmerge_lora(model) first.")
+    if any(layer.disabled for _, layer in layers):
+        raise SurgeryError("mixed_batch: adapters are disabled (inside disable_adapters?); leave that block first, "
+                           "or use 'base' as the row's adapter name.")
+    if any(layer.row_update is not None for _, layer in layers):
+        raise SurgeryError("mixed_batch: the model is already inside a mixed_batch block; blocks cannot be nested.")
+    return layers
+
+
+# --------------------------------------------------------------------------------------------------- the forward
+class _Router:
+    """The ``row_update`` hook of every LoRA layer inside one :func:`mixed_batch` block."""
+
+    def __init__(self, names: list[str], num_beams: int, paths: dict[int, str]) -> None:
+        self.names = names
+        self.num_beams = num_beams
+        self.paths = paths
+        # (layer, rows) -> gathered (At, Bt) rows | the one adapter of every row | None (nothing to add), for this block
+        self._plans: dict[tuple[int, int], object] = {}
+
+    def __call__(self, layer: LoRALayer, result: Tensor, x: Tensor) -> Tensor:
+        if layer.training or layer.merged_adapters:  # switched after entering the block
+            _check_state([(self.paths.get(id(layer), "?"), layer)])
+        rows = x.shape[0] if x.dim() > 1 else -1
+        key = (id(layer), rows)
+        plan = self._plans.get(key, _MISSING)
+        if plan is _MISSING:
+            plan = self._plans[key] = self._plan(layer, rows)
+        if plan is None:
+            return result
+        if isinstance(plan, str):
+            return layer._add_update(result, x, plan)
+        at, bt = plan  # (n, in, r), (n, r, out)
+        x3 = x.reshape(rows, -1, layer.in_features).to(at.dtype)  # (n, T, in)
+        xa = torch.bmm(x3, at)  # (n, T, in) @ (n, in, r) -> (n, T, r)
+        out_shape = result.shape
+        result3 = result.reshape(rows, -1, layer.out_features)  # (n, T, out)
+        if result3.dtype == bt.dtype:
+            return torch.baddbmm(result3, xa, bt).view(out_shape)  # (n, T, out) + (n, T, r) @ (n, r, out)
+        return (result3 + torch.bmm(xa, bt).to(result3.dtype)).view(out_shape)
+
+    def _plan(self, layer: LoRALayer, rows: int) -> object:
+        names = self._row_names(layer, rows)
+        present = [n for n in names if n in layer.specs]
+        if not present:
+            return None
+        if len(present) == len(names) and len(set(present)) == 1:
+            return present[0]  # every row the same adapter: the ordinary single-adapter path
+        slots, at, bt = _stack(layer)
+        zero = len(slots)
+        index = torch.tensor([slots.get(n, zero) for n in names], device=at.device)
+        return at.index_select(0, index), bt.index_select(0, index)  # (n, in, r), (n, r, out)
+
+    def _row_names(self, layer: LoRALayer, rows: int) -> list[str]:
+        batch = len(self.names)
+        if rows == batch:
+            return self.names
+        if self.num_beams > 1 and rows == batch * self.num_beams:
+            return [n for n in self.names for _ in range(self.num_beams)]
+        beams = f" (or {batch * self.num_beams} with num_beams={self.num_beams})" if self.num_beams > 1 else ""
+        got = f"{rows} rows" if rows >= 0 else "an input without a batch dimension"
+        raise MixedBatchError(
+            f"mixed_batch: layer {self.paths.get(id(layer), '?')!r} got {got}, but {batch} adapter names were given"
+            f"{beams}. Give one adapter name per batch row; for generate(num_beams=k) pass mixed_batch(..., num_beams=k)."
+        )
+
+
+_MISSING = object()
+
+
+def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor]:
+    """The layer's adapters stacked for batched matmuls (cached on the layer until an adapter changes).
+
+    Returns:
+        Slot of each adapter name; ``At (N+1, in, r_max)``; ``Bt (N+1, r_max, out)`` with the scale folded in.
+        Slot ``N`` is all zeros (rows of the bare base, or of adapters this layer does not have).
+    """
+    names = list(layer.specs)
+    key = tuple((n, layer.lora_A[n].data_ptr(), layer.lora_A[n]._version, layer.lora_B[n].data_ptr(),
+                 layer.lora_B[n]._version, layer.specs[n].scale) for n in names)
+    cached = layer.__dict__.get(_STACK_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2], cached[3]
+    first = layer.lora_A[names[0]]
+    r_max = max(layer.specs[n].r for n in names)
+    # Built outside inference mode, so that a later call with autograd on can still use it.
+    with torch.inference_mode(False), torch.no_grad():
+        at = torch.zeros(len(names) + 1, layer.in_features, r_max, dtype=first.dtype, device=first.device)
+        bt = torch.zeros(len(names) + 1, r_max, layer.out_features, dtype=first.dtype, device=first.device)
+        for slot, name in enumerate(names):
+            r = layer.specs[name].r
+            at[slot, :, :r] = layer.lora_A[name].detach().t()  # (in, r)
+            bt[slot, :r, :] = layer.lora_B[name].detach().t() * layer.specs[name].scale  # (r, out)
+    slots = {n: i for i, n in enumerate(names)}
+    layer.__dict__[_STACK_ATTR] = (key, slots, at, bt)
+    return slots, at, bt
