@@ -33,7 +33,12 @@ class MergeAndExport(Callback):
             the LoRA surgery ran).
         adapter_name: Which adapter to export. Default: ``"default"``.
         merge_base: For a 4-bit (QLoRA) base: ``"dequantized"`` (a dense model reproducing the trained one) or
-            ``"requantize"`` (stays 4-bit), passed to ``merge_lora``. Default: None (``merge_lora``'s default).
+            ``"requantize"`` (stays 4-bit), passed to ``merge_lora``. ``"original"`` needs the unquantized weights,
+            which the callback does not have: call ``merge_lora(model, merge_base="original", original=...)`` after
+            training instead. Default: None (``merge_lora``'s default).
+
+    Raises:
+        ValueError: If ``merge_base`` is ``"original"`` or not a merge base (at construction, before any training).
 
     Example:
         >>> import lightning as L
@@ -45,6 +50,10 @@ class MergeAndExport(Callback):
         self.dirpath = Path(dirpath)
         self.module = module
         self.adapter_name = adapter_name
+        if merge_base is not None and merge_base not in ("dequantized", "requantize"):
+            raise ValueError(f"MergeAndExport(merge_base={merge_base!r}): use 'dequantized' or 'requantize'. 'original' "
+                             "needs the unquantized weights, which this callback does not have.\nHINT: after training, "
+                             "call merge_lora(model, merge_base='original', original=<the unquantized model>).")
         self.merge_base = merge_base
         self.report: ExportReport | None = None
 

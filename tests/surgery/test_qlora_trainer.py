@@ -117,3 +117,9 @@ def test_merge_and_export_passes_the_merge_base(tmp_path: Path, merge_base: str)
         assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     else:
         assert report["max_abs_diff"] > 1e-4  # the update is rounded into the 4-bit weights
+
+
+@pytest.mark.parametrize("merge_base", ["original", "fp16"])
+def test_merge_and_export_refuses_bases_it_cannot_do_before_training(tmp_path: Path, merge_base: str) -> None:
+    with pytest.raises(ValueError, match=rf"MergeAndExport\(merge_base='{merge_base}'\): use 'dequantized' or 'requantize'"):
+        callbacks.MergeAndExport(tmp_path, merge_base=merge_base)
