@@ -26,9 +26,10 @@ class LayerFreezing(Callback):
     module's ``configure_optimizers`` (built from parameters that require grad) sees it.
 
     Blocks unfrozen by ``schedule`` are added to the first optimizer as a new param group (as Lightning's
-    ``BaseFinetuning`` does); a learning-rate scheduler built before then does not drive that group. Which schedule
-    entries have run is saved in checkpoints and restored on resume, param groups included, so resumed runs match
-    uninterrupted ones.
+    ``BaseFinetuning`` does), which joins that optimizer's learning-rate schedulers (scheduled like the first group,
+    from its own initial lr). Which schedule entries have run is saved in checkpoints and restored on resume, param
+    groups included, so resumed runs match uninterrupted ones. Under DDP a schedule is refused: DDP only
+    synchronises parameters that were trainable when it wrapped the model.
 
     Args:
         blocks: Blocks trained from the start, in ``LoRAConfig.layers`` syntax: indices (``[10, 11]``) or a slice
@@ -38,8 +39,8 @@ class LayerFreezing(Callback):
         schedule: ``{when: blocks}``: at the start of epoch (or step) ``when``, also train ``blocks`` (same syntax),
             e.g. ``{1: "-4:", 3: ":"}``. Default: none.
         interval: Whether ``schedule`` keys count epochs or optimizer steps. Default: ``"epoch"``.
-        unfreeze_lr: Learning rate of the param groups added by ``schedule``. Default: the first group's current
-            learning rate.
+        unfreeze_lr: Learning rate of a param group added by ``schedule``, when it is added; afterwards it follows
+            the first group's schedule proportionally. Default: the first group's current learning rate.
         module: Attribute path of the network inside the LightningModule. Default: None (the LightningModule).
 
     Example:
@@ -130,7 +131,8 @@ class LayerFreezing(Callback):
     def _unfreeze(self, when: int, trainer: pl.Trainer, pl_module: pl.LightningModule, *, record: bool) -> None:
         params = list(selected_parameters(target_module(pl_module, self.module), self.schedule[when]).values())
         newly = unfreeze(params)
-        added = add_param_group(trainer.optimizers[0], params, lr=self.unfreeze_lr) if trainer.optimizers else 0
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        added = add_param_group(trainer.optimizers[0], params, self.unfreeze_lr, schedulers) if trainer.optimizers else 0
         if record:
             self.applied.append(when)
             rank_zero_info(f"LayerFreezing: {self.interval} {when}: unfroze blocks {self.schedule[when]!r} "

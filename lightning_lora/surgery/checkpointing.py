@@ -121,7 +121,9 @@ def _enable_transformers(model: nn.Module, hf: nn.Module, use_reentrant: bool) -
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if use_reentrant and not getattr(hf, "_require_grads_hooks", None) and getattr(hf, "_require_grads_hook", None) is None:
         hf.enable_input_require_grads()
-    return [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True and m is not hf]
+    # The layers that checkpoint (transformers' GradientCheckpointingLayer), not the models that carry the flag too.
+    return [n for n, m in model.named_modules()
+            if getattr(m, "gradient_checkpointing", False) is True and not hasattr(m, "supports_gradient_checkpointing")]
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:

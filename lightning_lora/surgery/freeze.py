@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,20 +159,63 @@ def frozen_in_optimizers(model: nn.Module, optimizers: Iterable[torch.optim.Opti
     return [n for n, p in model.named_parameters() if not p.requires_grad and id(p) in held]
 
 
-def add_param_group(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], lr: float | None = None) -> int:
+def add_param_group(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], lr: float | None = None,
+                    schedulers: Iterable[Any] = ()) -> int:
     """Add the parameters the optimizer does not hold yet as one new param group, in place.
+
+    The new group follows the first group's learning rate, scaled by ``lr / first group's current lr``: it joins
+    the learning-rate schedulers of this optimizer (recent PyTorch schedulers refuse an optimizer whose group count
+    changed) with the first group's schedule and a proportional base learning rate.
 
     Args:
         optimizer: The optimizer to extend.
         params: Candidate parameters, in a fixed order (resuming re-adds the same group in the same order).
-        lr: Learning rate of the new group. Default: the first group's current learning rate.
+        lr: Learning rate of the new group now. Default: the first group's current learning rate.
+        schedulers: The learning-rate schedulers built on ``optimizer`` (others are ignored).
 
     Returns:
         How many parameters were added (0 adds no group).
+
+    Raises:
+        NotImplementedError: For a scheduler with per-group settings we cannot extend (CyclicLR, OneCycleLR).
     """
     held = optimizer_parameter_ids([optimizer])
     new = [p for p in params if id(p) not in held]
-    if new:
-        group_lr = optimizer.param_groups[0]["lr"] if lr is None else float(lr)
-        optimizer.add_param_group({"params": new, "lr": group_lr})
+    if not new:
+        return 0
+    owned = [s for s in _flatten_schedulers(schedulers) if getattr(s, "optimizer", None) is optimizer]
+    unsupported = [type(s).__name__ for s in owned if type(s).__name__ in ("CyclicLR", "OneCycleLR")]
+    if unsupported:
+        raise NotImplementedError(
+            f"Cannot add a param group to an optimizer driven by {unsupported[0]}, which keeps per-group cycle "
+            "settings. HINT: train those blocks from the start instead of unfreezing them later, or use another "
+            "scheduler (e.g. LambdaLR, CosineAnnealingLR)."
+        )
+    first = optimizer.param_groups[0]
+    current, initial = float(first["lr"]), float(first.get("initial_lr", first["lr"]))
+    ratio = 1.0 if lr is None or lr == current else (float(lr) / current if current else 0.0)
+    group_lr, base_lr = (float(lr), float(lr)) if ratio == 0.0 else (current * ratio, initial * ratio)
+    optimizer.add_param_group({"params": new, "lr": group_lr, "initial_lr": base_lr})
+    for scheduler in owned:
+        _join_scheduler(scheduler, base_lr, group_lr)
     return len(new)
+
+
+def _flatten_schedulers(schedulers: Iterable[Any]) -> list[Any]:
+    flat = []
+    for scheduler in schedulers:
+        flat.append(scheduler)
+        flat += _flatten_schedulers(getattr(scheduler, "_schedulers", []))  # SequentialLR, ChainedScheduler
+    return flat
+
+
+def _join_scheduler(scheduler: Any, base_lr: float, lr: float) -> None:
+    """Extend a scheduler's per-group lists by one entry, copying the first group's schedule."""
+    for name, value in (("base_lrs", base_lr), ("_last_lr", lr)):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list):
+            values.append(value)
+    for name in ("lr_lambdas", "min_lrs"):  # LambdaLR / MultiplicativeLR, ReduceLROnPlateau
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and values:
+            values.append(values[0])

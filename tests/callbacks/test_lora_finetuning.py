@@ -212,3 +212,43 @@ def test_from_checkpoint_needs_a_lora_state(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "callbacks": {}}, path)
     with pytest.raises(ValueError, match=r"(?s)expected one LoRAFinetuning state.*HINT"):
         LoRAFinetuning.from_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------- other modules
+def test_lightning_demo_transformer_trains_only_its_adapters(tmp_path: Path) -> None:
+    """A LightningModule this project did not write: Lightning's demo Transformer (nn.Transformer inside)."""
+    from lightning.pytorch.demos.transformer import LightningTransformer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    L.seed_everything(0, verbose=False)
+    module = LightningTransformer(vocab_size=50)
+    module.prepare_data = lambda: None  # it would download WikiText2; random tokens instead (no network in tests)
+    tokens = torch.randint(0, 50, (8, 11), generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    callback = LoRAFinetuning(LoRAConfig(r=4, targets=["linear1", "linear2"]), module="model")
+    t = trainer(tmp_path, [callback], max_steps=3)
+    with pytest.warns(UserWarning, match="frozen parameter"):  # its optimizer is SGD(self.model.parameters())
+        t.fit(module, data)
+    assert len(callback.report.replaced) == 8  # 2 encoder + 2 decoder layers x (linear1, linear2)
+    adapters = adapter_tensors(module)
+    assert len(adapters) == 16
+    for name, param in module.named_parameters():
+        if name in adapters:
+            assert ".lora_A." in name or param.abs().sum() > 0, name  # B trained away from zero
+        else:
+            assert torch.equal(param, before[name.replace(".base_layer.", ".")]), name
+
+
+def test_quantized_base_is_quantized_before_the_lora_surgery(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from lightning_lora.surgery.quant_config import QuantConfig
+
+    module = TinyModule(hidden=64)
+    callback = LoRAFinetuning(CFG, module="model", quantize=QuantConfig(targets=["q_proj", "v_proj"], compute_dtype="float32"))
+    trainer(tmp_path, [callback], max_steps=2).fit(module)
+    layer = module.model.layers[0].q_proj
+    assert isinstance(layer, LoRALayer) and type(layer.base_layer).__name__ == "Linear4bit"
+    assert adapter_tensors(module)["model.layers.0.q_proj.lora_B.default"].abs().sum() > 0
+    assert callback.state_dict()["quantize"]["quant_type"] == "nf4"
+    assert callback.identity["params"] == sum(p.numel() for p in TinyModule(hidden=64).parameters())  # dense, pre-quantization
