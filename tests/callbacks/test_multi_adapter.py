@@ -16,8 +16,7 @@ from lightning_lora import (
     get_active_adapters,
     set_active_adapters,
 )
-from lightning_lora.callbacks import LoRAFinetuning
-from lightning_lora.callbacks.multi_adapter import MultiAdapterEvaluation
+from lightning_lora.callbacks import LoRAFinetuning, MultiAdapterEvaluation
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.registry import lora_layers
