@@ -156,19 +156,26 @@ def _apply(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str]]], quant
 
 
 def _forget_hf_quantization(model: nn.Module) -> None:
-    """A transformers model loaded in 4 bit keeps its quantizer and ``config.quantization_config``; once every layer
-    is dense, ``save_pretrained`` would still write that config and ``from_pretrained`` re-create 4-bit layers
-    around dense weights. Drop those markers so the merged model saves and loads as a plain model."""
+    """A 4-bit transformers model declares it (``config.quantization_config``, and when loaded 4-bit a quantizer);
+    once every layer is dense, ``save_pretrained`` would still write that config and ``from_pretrained`` re-create
+    4-bit layers around dense weights. Drop those markers so the merged model saves and loads as a plain model."""
     for module in model.modules():
-        if not getattr(module, "is_quantized", False) or not hasattr(module, "hf_quantizer"):
-            continue
-        module.hf_quantizer = None
-        module.is_quantized = False
-        if hasattr(module, "quantization_method"):
-            module.quantization_method = None
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
+        quant = getattr(config, "quantization_config", None)
+        method = _get(quant, "quant_method") if quant is not None else None
+        if getattr(method, "value", method) != "bitsandbytes":  # an enum in transformers' configs, a str in dicts
+            continue
+        delattr(config, "quantization_config")
+        if getattr(module, "hf_quantizer", None) is not None:
+            module.hf_quantizer = None
+        if getattr(module, "is_quantized", False):
+            module.is_quantized = False
+        if getattr(module, "quantization_method", None) is not None:
+            module.quantization_method = None
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
 
 
 # --------------------------------------------------------------------------------------------- comparing bases

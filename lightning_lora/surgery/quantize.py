@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +122,34 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
         tables += table
         dtypes.add(str(quantized.compute_dtype).removeprefix("torch."))
     report = QuantReport(selected, skipped, params, before, after, tables, ",".join(sorted(dtypes)))
+    _declare_to_transformers(model, config, report)
     log.info("%s", report)
     return report
+
+
+def _declare_to_transformers(model: nn.Module, config: QuantConfig, report: QuantReport) -> None:
+    """Record a matching ``BitsAndBytesConfig`` on each transformers model inside ``model``.
+
+    Without it ``save_pretrained`` writes packed 4-bit tensors under a config that says nothing of them, and
+    ``from_pretrained`` cannot load the directory. With it the directory loads back as the same 4-bit model. The
+    linear layers left in full precision are listed in ``llm_int8_skip_modules`` (transformers' name for it).
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return
+    for prefix, module in model.named_modules():
+        if not isinstance(module, transformers.PreTrainedModel):
+            continue
+        inside = f"{prefix}." if prefix else ""
+        dense = [p for p, m in module.named_modules() if type(m) is nn.Linear]
+        compute = report.compute_dtype.split(",")[0] or "float32"
+        module.config.quantization_config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=config.quant_type, bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, compute), bnb_4bit_quant_storage=config.quant_storage,
+            llm_int8_skip_modules=dense or None,
+        )
+        log.debug("Recorded a BitsAndBytesConfig on %s%s", inside, type(module).__name__)
+        return  # the outermost transformers model holds the config that save_pretrained writes
 
 
 def plan_quantization(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[tuple[str, str]]]:

@@ -117,6 +117,10 @@ def test_merge_and_export_passes_the_merge_base(tmp_path: Path, merge_base: str)
         assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     else:
         assert report["max_abs_diff"] > 1e-4  # the update is rounded into the 4-bit weights
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged", device_map="cpu")
+        assert is_linear4bit(merged.model.layers[0].self_attn.q_proj)  # saved with its BitsAndBytesConfig
 
 
 @pytest.mark.parametrize("merge_base", ["original", "fp16"])

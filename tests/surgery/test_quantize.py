@@ -188,3 +188,24 @@ def test_quant_config_from_a_yaml_config_with_jsonargparse() -> None:
     assert quantize == QuantConfig(quant_type="fp4", blocksize=128, exclude=["lm_head"])
     with pytest.raises(Exception, match=r"Expected a typing.Literal\['nf4', 'fp4'\]. Got value: int4"):
         parser.parse_string("quantize: {quant_type: int4}")
+
+
+def test_transformers_model_declares_its_4bit_layers_and_reloads(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora.surgery.bnb4bit import keep_portable_layout_
+
+    model = tiny_llama(num_layers=2)
+    quantize_model(model, QuantConfig(exclude=["down_proj"]))
+    declared = model.config.quantization_config
+    assert declared.load_in_4bit and declared.bnb_4bit_quant_type == "nf4" and declared.bnb_4bit_use_double_quant
+    assert declared.llm_int8_skip_modules == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    ids = input_ids()
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert is_linear4bit(reloaded.model.layers[0].self_attn.q_proj)
+    assert type(reloaded.model.layers[0].mlp.down_proj) is nn.Linear
+    for module in reloaded.modules():
+        keep_portable_layout_(module)
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=0)
