@@ -52,15 +52,15 @@ def merge_onto_base_(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str
     not), so the result is a plain 16/32-bit model; with ``"requantize"`` they stay 4-bit. Dense layers merge as usual.
     The wrappers are left in place; the caller unloads them.
     """
-    _check_arguments(model, todo, merge_base, original, unload)
+    _check_arguments(todo, merge_base, original, unload)
     dense_base = merge_base in ("dequantized", "original")
     quantized = _quantized_paths(model) if dense_base else {}
     originals = _original_weights(quantized, original) if merge_base == "original" else {}
+    adapted = {path: (layer, names) for path, layer, names in todo}
     merged: dict[str, Tensor] = {}
     for path, module in quantized.items():
         base = originals[path] if merge_base == "original" else bnb4bit.dequantize(module)  # (out, in)
-        layer = next((layer for p, layer, _ in todo if p == path), None)
-        names = next((names for p, _, names in todo if p == path), [])
+        layer, names = adapted.get(path, (None, []))
         weight = base.float()
         for name in names:
             weight = weight + layer.delta_weight(name).to(weight.device)  # fp32, cast once below
@@ -74,8 +74,8 @@ def merge_onto_base_(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str
     _apply(model, todo, quantized, merged, keep_original=not unload)
 
 
-def _check_arguments(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str]]], merge_base: str,
-                     original: Original | None, unload: bool) -> None:
+def _check_arguments(todo: list[tuple[str, LoRALayer, list[str]]], merge_base: str, original: Original | None,
+                     unload: bool) -> None:
     if merge_base not in MERGE_BASES:
         raise MergeError(f"merge_base={merge_base!r}: must be one of {list(MERGE_BASES)} ('dequantized' reproduces the "
                          "trained QLoRA model; see compare_merge_bases to measure each).")
