@@ -240,15 +240,27 @@ def test_lightning_demo_transformer_trains_only_its_adapters(tmp_path: Path) -> 
             assert torch.equal(param, before[name.replace(".base_layer.", ".")]), name
 
 
-def test_quantized_base_is_quantized_before_the_lora_surgery(tmp_path: Path) -> None:
+def test_qlora_quantizes_before_the_surgery_and_resumes_exactly(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     from lightning_lora.surgery.quant_config import QuantConfig
 
-    module = TinyModule(hidden=64)
-    callback = LoRAFinetuning(CFG, module="model", quantize=QuantConfig(targets=["q_proj", "v_proj"], compute_dtype="float32"))
-    trainer(tmp_path, [callback], max_steps=2).fit(module)
-    layer = module.model.layers[0].q_proj
+    quant = QuantConfig(targets=["q_proj", "v_proj"], compute_dtype="float32")
+
+    def run(name: str, steps: int, ckpt: Path | None = None) -> tuple[TinyModule, L.Trainer, LoRAFinetuning]:
+        callback = LoRAFinetuning(CFG, module="model", quantize=quant)
+        module, t = _train(tmp_path / name, steps, ckpt_path=str(ckpt) if ckpt else None, callback=callback,
+                           module=TinyModule(hidden=64, scheduler=True, resumable=True))
+        return module, t, callback
+
+    straight, _, callback = run("a", 6)
+    layer = straight.model.layers[0].q_proj
     assert isinstance(layer, LoRALayer) and type(layer.base_layer).__name__ == "Linear4bit"
-    assert adapter_tensors(module)["model.layers.0.q_proj.lora_B.default"].abs().sum() > 0
     assert callback.state_dict()["quantize"]["quant_type"] == "nf4"
-    assert callback.identity["params"] == sum(p.numel() for p in TinyModule(hidden=64).parameters())  # dense, pre-quantization
+    assert callback.identity["params"] == sum(p.numel() for p in TinyModule(hidden=64).parameters())  # dense base
+    _, t_first, _ = run("b", 3)
+    t_first.save_checkpoint(tmp_path / "q.ckpt")
+    assert all(".lora_" in k for k in torch.load(tmp_path / "q.ckpt", weights_only=True)["state_dict"])
+    resumed, _, _ = run("c", 6, tmp_path / "q.ckpt")  # the 4-bit base is rebuilt, not read from the checkpoint
+    expected = adapter_tensors(straight)
+    assert all(torch.equal(t, expected[n]) for n, t in adapter_tensors(resumed).items())
+    assert expected["model.layers.0.q_proj.lora_B.default"].abs().sum() > 0
