@@ -162,9 +162,12 @@ class _Router:
         xa = torch.bmm(x3, at)  # (n, T, in) @ (n, in, r) -> (n, T, r)
         out_shape = result.shape
         result3 = result.reshape(rows, -1, layer.out_features)  # (n, T, out)
-        if result3.dtype == bt.dtype:
+        if result3.dtype != bt.dtype:
+            return (result3 + torch.bmm(xa, bt).to(result3.dtype)).view(out_shape)
+        if result.requires_grad and torch.is_grad_enabled() or not result.is_contiguous():
             return torch.baddbmm(result3, xa, bt).view(out_shape)  # (n, T, out) + (n, T, r) @ (n, r, out)
-        return (result3 + torch.bmm(xa, bt).to(result3.dtype)).view(out_shape)
+        # The base output is ours (freshly computed, no graph): add in place, saving an (n, T, out) copy.
+        return result3.baddbmm_(xa, bt).view(out_shape)
 
     def _plan(self, layer: LoRALayer, rows: int) -> object:
         names = self._row_names(layer, rows)

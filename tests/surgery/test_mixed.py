@@ -184,3 +184,16 @@ def test_adapter_named_base_is_refused():
     apply_lora(model, LoRAConfig(r=2), name="base")
     with pytest.raises(MixedBatchError, match="adapter named 'base'.*another name"):
         mixed_batch(model.eval(), ["base"]).__enter__()
+
+
+def test_autograd_enabled_gives_the_same_rows(model):
+    ids = input_ids(3, 4)
+    rows = ["code", "legal", "base"]
+    with torch.no_grad(), mixed_batch(model, rows):
+        expected = model(input_ids=ids).logits
+    model.get_input_embeddings().weight.requires_grad_(True)  # the base outputs now carry a graph
+    with mixed_batch(model, rows):
+        out = model(input_ids=ids).logits
+    assert out.requires_grad
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from lightning_lora import (
     apply_lora,
     get_active_adapters,
     list_adapters,
+    load_adapter,
     load_adapters,
     save_adapters,
     use_adapters,
@@ -88,6 +89,8 @@ def test_load_refuses_existing_names_unless_replace(model, tmp_path):
     save_adapters(model, tmp_path / "multi")
     with pytest.raises(SurgeryError, match=r"\['default', 'legal', 'medical'\] are already on the model.*replace=True"):
         load_adapters(model, tmp_path / "multi")
+    with pytest.raises(SurgeryError, match="'legal' is already loaded; pass replace=True"):
+        load_adapter(model, tmp_path / "multi" / "legal", name="legal")
     other = tiny_llama(num_layers=2)
     apply_lora(other, CONFIGS["legal"], name="legal")  # B = 0
     load_adapters(other, tmp_path / "multi", names=["legal"], replace=True)
