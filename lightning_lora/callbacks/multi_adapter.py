@@ -118,7 +118,7 @@ class MultiAdapterEvaluation(Callback):
             loss_sum = trainer.strategy.reduce(loss_sum, reduce_op="sum")
             weight = trainer.strategy.reduce(weight, reduce_op="sum")
             means[name] = (loss_sum / weight.clamp(min=1e-12)).float()
-            pl_module.log(f"{self.prefix}/{name}", means[name])
+            pl_module.log(f"{self.prefix}/{name}", means[name], sync_dist=True)  # equal on every rank already
         if self.verbose:
             rank_zero_info("  ".join(f"{self.prefix}/{n}={v.item():.4f}" for n, v in means.items()))
         self._sums = {}

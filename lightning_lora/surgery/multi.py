@@ -207,6 +207,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers = lora_layers(model)
     if any(name in layer.merged_adapters for _, layer in layers):
         raise SurgeryError(f"delete_adapter: adapter {name!r} is merged into the base weights; call unmerge_lora(model) first.")
+    from lightning_lora.surgery.mixed import clear_mixed_batch_cache  # mixed imports this module
+
+    clear_mixed_batch_cache(model)  # drop the stacked copies mixed_batch kept of this adapter
     for path, layer in layers:
         if name in layer.specs:
             layer.delete_adapter(name)

@@ -197,3 +197,16 @@ def test_autograd_enabled_gives_the_same_rows(model):
     assert out.requires_grad
     out.sum().backward()
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
+def test_delete_adapter_frees_the_stacked_copies(model):
+    from lightning_lora import delete_adapter
+
+    with torch.no_grad(), mixed_batch(model, ["legal", "code"]):
+        model(input_ids=input_ids(2, 3))
+    assert any("_mixed_batch_stack" in vars(layer) for _, layer in lora_layers(model))
+    delete_adapter(model, "medical")
+    assert not any("_mixed_batch_stack" in vars(layer) for _, layer in lora_layers(model))
+    with torch.no_grad(), mixed_batch(model, ["code", "legal"]):
+        out = model(input_ids=input_ids(2, 3)).logits
+    torch.testing.assert_close(out[:1], _alone(model, "code", lambda: logits(model, input_ids(2, 3)[:1])), rtol=1e-5, atol=1e-5)
