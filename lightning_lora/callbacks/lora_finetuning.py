@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
-from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora
+from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
 from lightning_lora.surgery.checkpoint import (
     CheckpointMismatchError,
     adapter_only_state_dict,
@@ -132,6 +132,7 @@ class LoRAFinetuning(Callback):
         if self.quantize is not None:
             from lightning_lora.surgery.quantize import quantize_model
 
+            plan_lora(target, self.config, name=self.adapter_name)  # a config that does not fit fails before quantizing
             quantize_model(target, self.quantize)
         self.report = apply_lora(target, self.config, name=self.adapter_name)
         _freeze_outside(pl_module, target)

@@ -264,3 +264,15 @@ def test_qlora_quantizes_before_the_surgery_and_resumes_exactly(tmp_path: Path) 
     expected = adapter_tensors(straight)
     assert all(torch.equal(t, expected[n]) for n, t in adapter_tensors(resumed).items())
     assert expected["model.layers.0.q_proj.lora_B.default"].abs().sum() > 0
+
+
+def test_lora_config_that_does_not_fit_fails_before_quantizing() -> None:
+    pytest.importorskip("bitsandbytes")
+    from lightning_lora import TargetMatchError
+    from lightning_lora.surgery.quant_config import QuantConfig
+
+    module = TinyModule(hidden=64)
+    callback = LoRAFinetuning(LoRAConfig(targets=["q_prj"]), module="model", quantize=QuantConfig(targets=["q_proj"]))
+    with pytest.raises(TargetMatchError, match=r"target pattern 'q_prj' matched no module.*q_proj"):
+        callback.apply(module)
+    assert type(module.model.layers[0].q_proj) is torch.nn.Linear  # not left half-changed (quantized, no adapters)
