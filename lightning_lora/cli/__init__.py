@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from lightning_lora.cli.lightning_cli import LoRACLI
 
-    LoRACLI(args=args)
+    LoRACLI(args=None if argv is None else args)
 
 
 __all__ = ["main"]

@@ -1,0 +1,130 @@
+"""The `lightning-lora` command end to end on a tiny model: every example config, plan, export, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_lora.cli import main
+from tests.tiny_lm import save_tiny_causal_lm
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml"))
+TRAIN = str(REPO / "examples/data/dates/train.jsonl")
+VAL = str(REPO / "examples/data/dates/val.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(save_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+def _fit_args(config: Path, model: str) -> list[str]:
+    return ["fit", "--config", str(config), "--model.model", model, "--data.train_file", TRAIN,
+            "--data.val_file", VAL, "--data.max_eval_samples", "4", "--trainer.fast_dev_run", "true",
+            "--trainer.enable_progress_bar", "false"]
+
+
+def test_every_example_config_is_covered() -> None:
+    names = {p.stem for p in EXAMPLES}
+    assert {"demo", "lora_attention", "lora_all_linear", "lora_late_layers", "qlora", "layer_freezing",
+            "full_finetune"} <= names
+
+
+@pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.stem)
+def test_example_config_runs(config: Path, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each example trains one step on the tiny model through the CLI and writes its results record."""
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(config, tiny_model))
+    spec = yaml.safe_load(config.read_text())
+    results = [c for c in spec["trainer"]["callbacks"] if c["class_path"].endswith("HeldOutAccuracy")]
+    record = json.loads((tmp_path / results[0]["init_args"]["results_file"]).read_text())
+    assert 0.0 <= record["accuracy_after"] <= 1.0
+    assert 0 < record["trainable_params"] <= record["total_params"]
+    if "LayerFreezing" in config.read_text():
+        assert record["trainable_params"] < record["total_params"]  # the embeddings at least stay frozen
+    elif spec.get("lora") is None:
+        assert record["trainable_params"] == record["total_params"]  # full fine-tuning
+    else:
+        assert record["trainable_params"] < record["total_params"] / 2
+    exports = [c for c in spec["trainer"]["callbacks"] if c["class_path"].endswith("MergeAndExport")]
+    for export in exports:
+        assert (tmp_path / export["init_args"]["dirpath"] / "merged" / "config.json").is_file()
+        assert (tmp_path / export["init_args"]["dirpath"] / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_config_is_logged_with_the_hyperparameters(tiny_model: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = _fit_args(REPO / "examples/lora_attention.yaml", tiny_model)
+    args[args.index("--trainer.fast_dev_run") + 1] = "false"
+    main([*args, "--trainer.max_steps", "1", "--lora.r", "4"])
+    hparams = yaml.safe_load(next((tmp_path / "out/lora_attention").rglob("hparams.yaml")).read_text())
+    assert hparams["lora"]["r"] == 4
+    assert hparams["lora"]["targets"] == ["q_proj", "v_proj"]
+
+
+def test_plan_prints_the_table(tiny_model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = main(["plan", "--model", tiny_model, "--lora.targets", "all-linear", "--lora.layers", "'-1:'"]) or None
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in out
+    assert "model.layers.0." not in out
+    assert "7 layers" in out
+    assert plan is None  # main() returns nothing; the table is the output
+
+
+def test_export_merges_and_matches_unmerged_logits(tiny_model: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora import LoRAConfig, apply_lora, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    apply_lora(model, LoRAConfig(r=4, targets="all-linear"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    save_adapter(model, tmp_path / "adapter")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    main(["export", "--model", tiny_model, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "export")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export/merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert (merged(ids).logits - expected).abs().max() < 1e-4
+    report = json.loads((tmp_path / "export/export.json").read_text())
+    assert report["max_abs_diff"] < 1e-4
+
+
+def test_missing_model_path_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        main(_fit_args(REPO / "examples/lora_attention.yaml", "no/such/model-dir"))
+
+
+def test_bad_jsonl_is_named_before_training(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_lora.data import DataFormatError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "oops"\n')
+    monkeypatch.chdir(tmp_path)
+    args = _fit_args(REPO / "examples/lora_attention.yaml", tiny_model)
+    args[args.index("--data.train_file") + 1] = str(bad)
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2"):
+        main(args)
+
+
+def test_unknown_config_key_is_named(tiny_model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*_fit_args(REPO / "examples/lora_attention.yaml", tiny_model), "--lora.rank", "8"])
+    assert "rank" in capsys.readouterr().err
+
+
+def test_invalid_lora_value_is_explained(tiny_model: str) -> None:
+    with pytest.raises(ValueError, match=r"r=0: the rank must be a positive integer"):
+        main([*_fit_args(REPO / "examples/lora_attention.yaml", tiny_model), "--lora.r", "0"])
