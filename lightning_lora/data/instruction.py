@@ -274,6 +274,14 @@ class InstructionDataModule(L.LightningDataModule):
         """Validation batches: the training keys plus ``gen_input_ids``, ``gen_attention_mask``, ``answers``."""
         return self._loader(self.val_examples, self.eval_batch_size, True)
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out (validation) batches, for ``lightning-lora test``."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out prompts, for ``lightning-lora predict`` (greedy answers next to the references)."""
+        return self.val_dataloader()
+
     def eval_prompts(self) -> list[EvalPrompt]:
         """The validation prompts as text (chat template applied) with their answers; needs ``setup`` first."""
         if self.tokenizer is None:

@@ -133,12 +133,28 @@ class CausalLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val_loss``, ``val_ppl`` (exp of the mean token loss) and ``val_exact_match``."""
+        self._log_eval("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """As :meth:`validation_step`; logged as ``test_loss``, ``test_ppl``, ``test_exact_match``."""
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_loss``, ``test_ppl`` and ``test_exact_match``."""
+        self._log_eval("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        """Greedy answers for the batch's prompts: ``[{"prediction": ..., "answer": ...}, ...]``."""
+        predictions = self.generate_answers(batch["gen_input_ids"], batch["gen_attention_mask"])
+        return [{"prediction": p, "answer": a} for p, a in zip(predictions, batch.get("answers", [""] * len(predictions)))]
+
+    def _log_eval(self, prefix: str) -> None:
         if self.val_loss_mean.update_called:
             mean_loss = self.val_loss_mean.compute()
-            self.log("val_loss", mean_loss, prog_bar=True)
-            self.log("val_ppl", torch.exp(mean_loss))
+            self.log(f"{prefix}_loss", mean_loss, prog_bar=True)
+            self.log(f"{prefix}_ppl", torch.exp(mean_loss))
         if self.val_exact_match.update_called:
-            self.log("val_exact_match", self.val_exact_match.compute(), prog_bar=True)
+            self.log(f"{prefix}_exact_match", self.val_exact_match.compute(), prog_bar=True)
         self.val_loss_mean.reset()
         self.val_exact_match.reset()
 

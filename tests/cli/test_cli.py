@@ -128,3 +128,27 @@ def test_unknown_config_key_is_named(tiny_model: str, capsys: pytest.CaptureFixt
 def test_invalid_lora_value_is_explained(tiny_model: str) -> None:
     with pytest.raises(ValueError, match=r"r=0: the rank must be a positive integer"):
         main([*_fit_args(REPO / "examples/lora_attention.yaml", tiny_model), "--lora.r", "0"])
+
+
+def test_test_subcommand_logs_held_out_metrics(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lightning-lora test` scores the held-out set; TensorBoard logging works from the command line."""
+    monkeypatch.chdir(tmp_path)
+    args = _fit_args(REPO / "examples/lora_attention.yaml", tiny_model)
+    args[0] = "test"
+    args += ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", "tb"]
+    args = [a for a in args if a not in ("--trainer.fast_dev_run", "true")]
+    args += ["--trainer.limit_test_batches", "1"]
+    main(args)
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard wrote no event file"
+
+
+def test_predict_subcommand_returns_answers(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_lora.cli.lightning_cli import LoRACLI
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _fit_args(REPO / "examples/lora_attention.yaml", tiny_model) if a not in ("--trainer.fast_dev_run", "true")]
+    args[0] = "predict"
+    cli = LoRACLI(args=[*args, "--trainer.limit_predict_batches", "1"])
+    rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]
+    assert rows and {"prediction", "answer"} <= set(rows[0])
