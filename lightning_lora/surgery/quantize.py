@@ -26,7 +26,7 @@ from lightning_lora.surgery.bnb4bit import is_linear4bit, keep_portable_layout_,
 from lightning_lora.surgery.errors import QuantizationError, SurgeryError
 from lightning_lora.surgery.layers import LoRALayer
 from lightning_lora.surgery.quant_config import QuantConfig
-from lightning_lora.surgery.targets import candidate_modules, match_pattern, unmatched_error
+from lightning_lora.surgery.targets import candidate_modules, union_matches
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +166,8 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> tuple[list[str],
             "(quantize_model(model, qcfg); apply_lora(model, lcfg)), or unload_lora(model) and start again."
         )
     modules = candidate_modules(model)
-    order = {path: i for i, path in enumerate(modules)}
-    matched = sorted(_union(config.targets, "quantize target", model, modules), key=order.__getitem__)  # model order
-    excluded = set(_union(config.exclude, "quantize exclude", model, modules)) if config.exclude else set()
+    matched = union_matches(config.targets, "quantize target", model, modules)  # model order
+    excluded = set(union_matches(config.exclude, "quantize exclude", model, modules)) if config.exclude else set()
     selected, skipped = [], []
     for path in matched:
         reason = "excluded" if path in excluded else _skip_reason(path, modules)
@@ -183,19 +182,6 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> tuple[list[str],
             f"Matched but skipped:\n{shown}\nWiden `targets` (e.g. 'all-linear') or narrow `exclude`."
         )
     return selected, skipped
-
-
-def _union(patterns: list[str], kind: str, model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
-    found: dict[str, None] = {}
-    unmatched = []
-    for pattern in patterns:
-        hits = match_pattern(pattern, model, modules)
-        if not hits:
-            unmatched.append(pattern)
-        found.update(dict.fromkeys(hits))
-    if unmatched:
-        raise unmatched_error(kind, unmatched, modules)
-    return list(found)
 
 
 def _skip_reason(path: str, modules: dict[str, nn.Module]) -> str | None:

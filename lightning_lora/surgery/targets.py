@@ -175,7 +175,7 @@ def select(model: nn.Module, cfg: LoRAConfig) -> tuple[list[str], list[tuple[str
         LoRAConfigError: If ``layers`` does not fit the model.
     """
     modules = candidate_modules(model)
-    selected = _union(cfg.targets, "target", model, modules)
+    selected = union_matches(cfg.targets, "target", model, modules)
     skipped: list[tuple[str, str]] = []
     for name in [n for n in selected if not _adaptable(modules[n])]:
         selected.remove(name)
@@ -183,7 +183,7 @@ def select(model: nn.Module, cfg: LoRAConfig) -> tuple[list[str], list[tuple[str
     for name in [n for n in selected if _parent_is_mha(n, modules)]:
         selected.remove(name)
         skipped.append((name, "inside nn.MultiheadAttention, which reads the weight directly and would bypass an adapter"))
-    for name in sorted(set(selected) & set(_union(cfg.exclude, "exclude", model, modules))):
+    for name in sorted(set(selected) & set(union_matches(cfg.exclude, "exclude", model, modules))):
         selected.remove(name)
         skipped.append((name, "excluded"))
     for name in [n for n in selected if any(matches_name(p, n) or _inside(p, n) for p in cfg.modules_to_save)]:
@@ -208,7 +208,12 @@ def _inside(pattern: str, name: str) -> bool:
     return not pattern.startswith("re:") and f".{pattern}." in f".{name}"
 
 
-def _union(patterns: list[str], kind: str, model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def union_matches(patterns: list[str], kind: str, model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Paths matched by any of ``patterns``, in model order; every pattern must match something.
+
+    Raises:
+        TargetMatchError: Naming each pattern that matched nothing, with the closest module names.
+    """
     selected: dict[str, None] = {}
     unmatched = []
     for pattern in patterns:
