@@ -13,8 +13,25 @@ Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian"]
 
 
+class ConfigDict:
+    """Plain-dict round trip shared by the config dataclasses (checkpoints, logs, PEFT files)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (safe in a ``weights_only`` checkpoint and in hyperparameter logs)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoRAConfigError(f"Unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}.")
+        return cls(**data)
+
+
 @dataclass
-class LoRAConfig:
+class LoRAConfig(ConfigDict):
     """What to adapt and how: ``y = W x + (alpha / r) * B A dropout(x)``, with A random and B zero at the start.
 
     Args:
@@ -86,19 +103,6 @@ class LoRAConfig:
         r = self.rank_for(module_name)
         alpha = self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (safe in a ``weights_only`` checkpoint and in hyperparameter logs)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoRAConfigError(f"Unknown LoRAConfig field(s) {unknown}; valid fields are {sorted(known)}.")
-        return cls(**data)
 
 
 def _as_pattern_list(value: list[str] | str | tuple[str, ...]) -> list[str]:

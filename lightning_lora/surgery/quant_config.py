@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from lightning_lora.surgery.config import ConfigDict
 from lightning_lora.surgery.errors import LoRAConfigError
 
 QuantType = Literal["nf4", "fp4"]
@@ -18,7 +19,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' qua
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(ConfigDict):
     """How to quantize the frozen base model to 4 bits with bitsandbytes, as in QLoRA (Dettmers et al. 2023).
 
     Example:
@@ -73,19 +74,6 @@ class QuantConfig:
     def storage_dtype(self) -> torch.dtype:
         """``quant_storage`` as a ``torch.dtype``."""
         return getattr(torch, self.quant_storage)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (safe in a ``weights_only`` checkpoint and in hyperparameter logs)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoRAConfigError(f"Unknown QuantConfig field(s) {unknown}; valid fields are {sorted(known)}.")
-        return cls(**data)
 
 
 def _problems(cfg: QuantConfig) -> list[str]:
