@@ -189,7 +189,8 @@ def _new_config(root: nn.Module, inputs: list[str], ranks: dict[str, int]) -> Lo
     dropout = max((configs[a].dropout for a in inputs if a in configs), default=0.0)
     # Scale 1 everywhere (alpha = r): the folded factors are the update itself.
     return LoRAConfig(r=common, alpha=common, dropout=dropout, targets=list(ranks), bias=bias,
-                      modules_to_save=list(modules_to_save), rank_pattern=odd, alpha_pattern={k: float(r) for k, r in odd.items()})
+                      modules_to_save=list(modules_to_save), rank_pattern=odd,
+                      alpha_pattern={k: float(r) for k, r in odd.items()})
 
 
 def _add(root: nn.Module, name: str, config: LoRAConfig, factors: dict[str, _Factors]) -> SurgeryReport:

@@ -206,7 +206,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     check_adapter_names(model, [name], "delete_adapter")
     layers = lora_layers(model)
     if any(name in layer.merged_adapters for _, layer in layers):
-        raise SurgeryError(f"delete_adapter: adapter {name!r} is merged into the base weights; call unmerge_lora(model) first.")
+        raise SurgeryError(f"delete_adapter: adapter {name!r} is merged into the base weights; call unmerge_lora(model) "
+                           f"first.")
     from lightning_lora.surgery.mixed import clear_mixed_batch_cache  # mixed imports this module
 
     clear_mixed_batch_cache(model)  # drop the stacked copies mixed_batch kept of this adapter
