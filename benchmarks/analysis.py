@@ -8,9 +8,31 @@ from benchmarks.settings import VARIANT_LABELS
 from benchmarks.stats import paired_ratios, summary
 
 
+MIN_CLEAN_ROUNDS = 3
+
+
+def kept_rounds(record: dict[str, Any]) -> list[int] | None:
+    """Indices of the clean rounds when there are at least ``MIN_CLEAN_ROUNDS`` (or all rounds are clean), else
+    None: then every round is used, and the tables show how few were clean."""
+    mask = record.get("round_clean", [])
+    clean = [i for i, ok in enumerate(mask) if ok]
+    return clean if clean and len(clean) >= min(MIN_CLEAN_ROUNDS, len(mask)) else None
+
+
 def _times(record: dict[str, Any] | None, runner: str, field: str = "times") -> list[float]:
-    """Per-repeat wall seconds (``field="times"``) or process CPU seconds (``"cpu_times"``) of one runner."""
-    return [] if record is None else record.get(field, {}).get(runner, [])
+    """Per-round wall seconds (``field="times"``) or process CPU seconds (``"cpu_times"``) of one runner, from the
+    clean rounds when there are enough of them (the same rounds for every worker of a group, so pairs stay paired)."""
+    if record is None:
+        return []
+    values = record.get(field, {}).get(runner, [])
+    kept = kept_rounds(record)
+    return values if kept is None else [values[i] for i in kept if i < len(values)]
+
+
+def rounds_note(record: dict[str, Any]) -> str:
+    """``"clean/all"`` rounds of a worker, e.g. ``"5/6"``."""
+    mask = record.get("round_clean", [])
+    return f"{sum(mask)}/{len(mask)}"
 
 
 def _find(records: list[dict[str, Any]], model: str, variant: str, impl: str) -> dict[str, Any] | None:
@@ -20,8 +42,12 @@ def _find(records: list[dict[str, Any]], model: str, variant: str, impl: str) ->
     return None
 
 
-def training_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per training worker, with its step summary, memory and its ratios to full FT, the floor and PEFT."""
+def training_rows(records: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
+    """One row per training worker, with its step summary, memory and its ratios to full FT, the floor and PEFT.
+
+    ``cpu_share`` is the process CPU time over ``wall * threads``: about 1 when the worker had its cores to itself
+    for the whole step, well below 1 when other processes took them (its timings then mean little).
+    """
     rows = []
     for rec in records:
         if rec["variant"] == "infer":
@@ -32,8 +58,9 @@ def training_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         peft = _find(records, model, variant, "peft") if impl == "ours" else None
         same_group = full is not None and full["group"] == rec["group"]
         row = {
-            "model": model, "group": rec["group"], "variant": variant, "label": VARIANT_LABELS[variant], "impl": impl,
+            "model": model, "group": rec["group"], "rounds": rounds_note(rec), "variant": variant, "label": VARIANT_LABELS[variant], "impl": impl,
             "step_s": summary(steps), "step_cpu_s": summary(_times(rec, "step", "cpu_times")),
+            "cpu_share": summary([c / (w * threads) for c, w in zip(_times(rec, "step", "cpu_times"), steps)]),
             "peak_rss_mib": rec.get("peak_rss_mib"), "ready_rss_mib": rec.get("ready_rss_mib"),
             "trainable": rec.get("info", {}).get("trainable"), "total": rec.get("info", {}).get("total"),
             "first_loss": rec.get("metrics", {}).get("first_loss"), "error": rec["error"],
@@ -76,7 +103,8 @@ def inference_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ours, peft = _find(records, model, "infer", "ours"), _find(records, model, "infer", "peft")
         runners = sorted(set((ours or {}).get("times", {})) | set((peft or {}).get("times", {})), key=_runner_order)
         for runner in runners:
-            row = {"model": model, "runner": runner, "ours_s": summary(_times(ours, runner)),
+            row = {"model": model, "runner": runner, "rounds": rounds_note(ours or peft or {}),
+                   "ours_s": summary(_times(ours, runner)),
                    "peft_s": summary(_times(peft, runner)),
                    "ours_vs_peft": paired_ratios(_times(ours, runner), _times(peft, runner))}
             if not runner.startswith(("surgery", "merge_")):

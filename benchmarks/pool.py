@@ -90,10 +90,10 @@ def run_group(group: Group, mode: Mode, model_dir: str, log_dir: Path, threads: 
         log = log_dir / f"{group.name}-{worker.variant}-{worker.impl}.log"
         procs[worker.key] = WorkerProc([json.dumps(spec)], log, threads)
         records[worker.key] = {"group": group.name, "model": group.model, "variant": worker.variant,
-                               "impl": worker.impl, "times": {}, "cpu_times": {}, "error": None}
+                               "impl": worker.impl, "times": {}, "cpu_times": {}, "round_clean": [], "error": None}
     try:
         live = _await_ready(procs, records)
-        _rounds(group, mode, procs, records, live)
+        _rounds(group, mode, procs, records, live, threads)
         for key in live:
             if records[key]["error"] is None:
                 _finish(procs[key], records[key])
@@ -117,28 +117,57 @@ def _await_ready(procs: dict[str, WorkerProc], records: dict[str, dict[str, Any]
     return live
 
 
+# A round counts as clean when every timed forward/step in it kept its threads busy this share of the wall time
+# (about 0.99 on an idle machine; 0.3-0.5 when other processes hold the cores).
+CLEAN_CPU_SHARE = 0.85
+
+
 def _rounds(group: Group, mode: Mode, procs: dict[str, WorkerProc], records: dict[str, dict[str, Any]],
-            live: list[str]) -> None:
+            live: list[str], threads: int) -> None:
+    """Warm-up, then timed rounds until ``repeats`` clean rounds or ``repeats + extra_rounds`` rounds in all.
+
+    Every round is kept in the record (``round_clean`` says which were clean); the analysis uses the clean ones
+    when there are enough. Rounds are whole units for every worker, so pairs stay paired.
+    """
     if not live:
         return
     runners = ["step"] if group.kind == "train" else records[live[0]]["runners"]
     repeats = mode.repeats if group.kind == "train" else mode.infer_repeats
-    steps = mode.steps_per_repeat if group.kind == "train" else 1
-    for rnd in range(mode.warmup + repeats):
-        order = live if rnd % 2 == 0 else live[::-1]
-        for runner in runners:
-            for key in order:
-                if records[key]["error"] is not None:
-                    continue
-                try:
-                    reply = procs[key].send({"cmd": "run", "runner": runner, "n": steps})
-                except WorkerError as err:
-                    records[key]["error"] = f"failed in round {rnd}: {err}"
-                    continue
-                if rnd >= mode.warmup:
-                    for field in ("times", "cpu_times"):
-                        records[key][field].setdefault(runner, []).append(sum(reply[field]) / steps)
-        _progress(group, rnd, mode.warmup)
+    clean = rnd = 0
+    while rnd < mode.warmup + repeats + mode.extra_rounds and not (rnd >= mode.warmup and clean >= repeats):
+        shares = _round(rnd, runners, live, procs, records, mode, group.kind)
+        share = min(shares, default=1.0) / threads
+        if rnd >= mode.warmup:
+            is_clean = share >= CLEAN_CPU_SHARE
+            clean += is_clean
+            for key in live:
+                records[key]["round_clean"].append(is_clean)
+        _progress(group, rnd, mode.warmup, share)
+        rnd += 1
+
+
+def _round(rnd: int, runners: list[str], live: list[str], procs: dict[str, WorkerProc],
+           records: dict[str, dict[str, Any]], mode: Mode, kind: str) -> list[float]:
+    """One step of every runner in every worker (order reversed on odd rounds); returns the CPU/wall shares."""
+    steps = mode.steps_per_repeat if kind == "train" else 1
+    order = live if rnd % 2 == 0 else live[::-1]
+    shares = []
+    for runner in runners:
+        for key in order:
+            if records[key]["error"] is not None:
+                continue
+            try:
+                reply = procs[key].send({"cmd": "run", "runner": runner, "n": steps})
+            except WorkerError as err:
+                records[key]["error"] = f"failed in round {rnd}: {err}"
+                continue
+            wall, cpu = sum(reply["times"]) / steps, sum(reply["cpu_times"]) / steps
+            if runner == "step" or "merged" in runner or runner == "base":  # multi-threaded work only
+                shares.append(cpu / wall if wall > 0 else 0.0)
+            if rnd >= mode.warmup:
+                records[key]["times"].setdefault(runner, []).append(wall)
+                records[key]["cpu_times"].setdefault(runner, []).append(cpu)
+    return shares
 
 
 def _finish(proc: WorkerProc, record: dict[str, Any]) -> None:
@@ -150,6 +179,7 @@ def _finish(proc: WorkerProc, record: dict[str, Any]) -> None:
     record.update(metrics=final["metrics"], peak_rss_mib=final["peak_rss_mib"])
 
 
-def _progress(group: Group, rnd: int, warmup: int) -> None:
-    tag = "warm-up" if rnd < warmup else f"repeat {rnd - warmup + 1}"
-    print(f"  [{group.name}] {tag} done", file=sys.stderr, flush=True)
+def _progress(group: Group, rnd: int, warmup: int, share: float) -> None:
+    tag = "warm-up" if rnd < warmup else f"round {rnd - warmup + 1}"
+    busy = "" if share >= CLEAN_CPU_SHARE else " (machine busy: round marked not clean)"
+    print(f"  [{group.name}] {tag} done, CPU share {share:.2f}{busy}", file=sys.stderr, flush=True)

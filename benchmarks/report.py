@@ -68,13 +68,17 @@ def training_section(rows: list[dict[str, Any]], models: dict[str, Any]) -> list
             full = _med(r["vs_full"]) + ("" if r["vs_full_paired"] or not r["vs_full"] else " ‡")
             table.append([
                 r["label"], r["impl"], _med(r["step_s"]), full, _med(r["vs_floor"]),
-                _med(peft) if peft else "", _med(r.get("vs_peft_cpu")) if peft else "", _num(r["peak_rss_mib"], 0), _num(_inc(r), 0),
+                _med(peft) if peft else "", _med(r.get("vs_peft_cpu")) if peft else "", _num(r["cpu_share"]["median"], 2),
+                _num(r["peak_rss_mib"], 0), _num(_inc(r), 0),
                 _num(r.get("vs_peft_rss")) if peft else "", f"{r['trainable']:,}" if r["trainable"] is not None else "—",
-                _num(r["first_loss"], 4), f"error: {r['error'].splitlines()[0]}" if r["error"] else "",
+                _num(r["first_loss"], 4), r["rounds"], f"error: {r['error'].splitlines()[0]}" if r["error"] else "",
             ])
         lines += _table(["config", "impl", "step s median [min-max]", "vs full FT", "vs floor",
-                         "ours/PEFT step (paired)", "ours/PEFT CPU time", "peak RSS MiB", "RSS growth in training MiB",
-                         "ours/PEFT peak RSS", "trainable", "first loss", "note"], table)
+                         "ours/PEFT step (paired)", "ours/PEFT CPU time", "CPU share", "peak RSS MiB", "RSS growth in training MiB",
+                         "ours/PEFT peak RSS", "trainable", "first loss", "clean rounds", "note"], table)
+    lines += ["", "CPU share: the worker's CPU time / (wall time x threads), median; near 1 means it had its cores to "
+              "itself, well below 1 means other processes took them. A round is clean when every step in it had a "
+              "share >= 0.85; statistics use the clean rounds when there are at least 3 (else all rounds)."]
     if any(r["vs_full"] and not r["vs_full_paired"] for r in rows):
         lines += ["", "‡ ratio of medians across groups (measured in a different time window), not paired by round."]
     return lines
@@ -96,11 +100,28 @@ def inference_section(rows: list[dict[str, Any]], models: dict[str, Any]) -> lis
         for r in (x for x in rows if x["model"] == model):
             ms = r["runner"].startswith(("surgery", "merge_"))
             scale, digits = (1000.0, 1) if ms else (1.0, 3)
-            table.append([r["runner"] + (" (ms)" if ms else " (s)"), _med(r["ours_s"], digits, scale),
+            table.append([_runner_label(r["runner"]), _med(r["ours_s"], digits, scale),
                           _med(r["peft_s"], digits, scale), _med(r["ours_vs_peft"]),
                           _med(r.get("ours_vs_base")), _med(r.get("peft_vs_base"))])
         lines += _table(["measure", "ours", "PEFT", "ours/PEFT (paired)", "ours vs base", "PEFT vs base"], table)
     return lines
+
+
+_TARGETS = {"qv": "q,v", "all": "all-linear"}
+
+
+def _runner_label(runner: str) -> str:
+    kind, _, rest = runner.partition("_")
+    tag, _, extra = rest.partition("_")
+    what = _TARGETS.get(tag, tag)
+    if kind == "base":
+        return "forward, base model (s)"
+    if kind in ("unmerged", "merged"):
+        return f"forward, {kind} {what} adapter (s)"
+    if kind == "surgery":
+        return f"apply_lora / get_peft_model, {what} (ms)"
+    check = "no finiteness check in either" if extra == "unchecked" else "defaults: ours checks finiteness, PEFT not"
+    return f"merge_lora / merge_and_unload, {what}, {check} (ms)"
 
 
 def files_section(rows: list[dict[str, Any]]) -> list[str]:

@@ -8,6 +8,7 @@ rows and more repeats; ``--smoke`` is a seconds-long check of the harness itself
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -41,6 +42,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker (default: 2)")
     parser.add_argument("--only", nargs="+", metavar="GROUP", help="run only these groups (for development)")
     parser.add_argument("--no-imports", action="store_true", help="skip the import-time probes")
+    parser.add_argument("--repeats", type=int, help="timed rounds per group (default: the mode's)")
     return parser.parse_args(argv)
 
 
@@ -120,7 +122,7 @@ def run(mode: Mode, out: Path, threads: int, only: list[str] | None = None, impo
             records += run_group(group, mode, models[group.model]["path"], Path(tmp), threads)
     import_results = measure_imports(mode.import_repeats) if imports and mode.import_repeats and not only else None
     mixed = _mixed_batch(mode, threads, notes) if not only else []
-    train = analysis.training_rows(records)
+    train = analysis.training_rows(records, threads)
     infer = analysis.inference_rows(records)
     files = analysis.file_rows(records)
     meta = {"mode": mode.name, "command": command or f"python -m benchmarks.run --{mode.name}",
@@ -146,7 +148,10 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    doc = run(MODES[args.mode], args.out, args.threads, args.only, not args.no_imports, command)
+    mode = MODES[args.mode]
+    if args.repeats:
+        mode = dataclasses.replace(mode, repeats=args.repeats, infer_repeats=args.repeats)
+    doc = run(mode, args.out, args.threads, args.only, not args.no_imports, command)
     print(f"wrote {args.out / args.mode}.json and .md in {doc['meta']['wall_s']:.0f} s", file=sys.stderr)
     errors = [r for r in doc["raw"] if r["error"]]
     for r in errors:

@@ -90,6 +90,7 @@ class Mode:
     models: dict[str, ModelSpec]
     groups: tuple[Group, ...]
     run_mixed_batch: bool = False
+    extra_rounds: int = 0  # rounds allowed beyond `repeats` to replace rounds disturbed by other processes
 
 
 def _pair(variant: str) -> tuple[Worker, Worker]:
@@ -109,14 +110,14 @@ def _train_groups(model: str, prefix: str = "") -> tuple[Group, ...]:
 QUICK = Mode(
     name="quick", batch=(8, 128), repeats=5, warmup=1, steps_per_repeat=1, infer_repeats=5, import_repeats=5,
     models={"llama33m": ModelSpec("random Llama 33.7M", "random", LLAMA_33M)},
-    groups=_train_groups("llama33m"), run_mixed_batch=True,
+    groups=_train_groups("llama33m"), run_mixed_batch=True, extra_rounds=3,
 )
 
 FULL = Mode(
     name="full", batch=(8, 128), repeats=9, warmup=2, steps_per_repeat=1, infer_repeats=9, import_repeats=7,
     models={"llama33m": ModelSpec("random Llama 33.7M", "random", LLAMA_33M),
             "smollm2": ModelSpec("SmolLM2-135M", "smollm2")},
-    groups=_train_groups("llama33m") + _train_groups("smollm2", "smollm2-"), run_mixed_batch=True,
+    groups=_train_groups("llama33m") + _train_groups("smollm2", "smollm2-"), run_mixed_batch=True, extra_rounds=6,
 )
 
 SMOKE = Mode(

@@ -65,13 +65,17 @@ def add_lora(model: nn.Module, impl: str, targets: list[str] | str) -> nn.Module
     return model
 
 
-def merge(model: nn.Module, impl: str) -> nn.Module:
-    """Merge the adapter into the base weights and drop the wrappers."""
+def merge(model: nn.Module, impl: str, checked: bool | None = None) -> nn.Module:
+    """Merge the adapter into the base weights and drop the wrappers.
+
+    ``checked=None`` uses each library's default: ours checks that the merged weights are finite before changing
+    anything (``safe=True``), PEFT does not (``safe_merge=False``). True / False force the check on / off in both.
+    """
     if impl == "peft":
-        return model.merge_and_unload()
+        return model.merge_and_unload(safe_merge=bool(checked))
     from lightning_lora import merge_lora
 
-    return merge_lora(model)
+    return merge_lora(model, safe=True if checked is None else checked)
 
 
 def save(model: nn.Module, impl: str, path: Path) -> None:

@@ -129,7 +129,8 @@ class InferBench(Bench):
             self.runners[f"unmerged_{tag}"] = lambda m=unmerged: self._forward(m)
             self.runners[f"merged_{tag}"] = lambda m=merged: self._forward(m)
             self.runners[f"surgery_{tag}"] = lambda t=targets: self._time_surgery(t)
-            self.runners[f"merge_{tag}"] = lambda t=targets: self._time_merge(t)
+            self.runners[f"merge_{tag}"] = lambda t=targets: self._time_merge(t, None)
+            self.runners[f"merge_{tag}_unchecked"] = lambda t=targets: self._time_merge(t, False)
 
     def _adapted(self, targets: list[str] | str) -> Any:
         model = self.setups.add_lora(self.setups.deepcopy(self.base), self.impl, targets)
@@ -146,9 +147,9 @@ class InferBench(Bench):
         fresh = self.setups.deepcopy(self.base)
         return timed(lambda: self.setups.add_lora(fresh, self.impl, targets))
 
-    def _time_merge(self, targets: list[str] | str) -> tuple[float, float]:
+    def _time_merge(self, targets: list[str] | str, checked: bool | None) -> tuple[float, float]:
         model = self._adapted(targets)
-        return timed(lambda: self.setups.merge(model, self.impl))
+        return timed(lambda: self.setups.merge(model, self.impl, checked))
 
     def metrics(self) -> dict[str, Any]:
         files = {}
