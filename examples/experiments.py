@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="Training steps per config (default 40).")
     parser.add_argument("--only", type=str, default=None, help="Comma-separated subset of configs.")
     parser.add_argument("--plot-only", action="store_true", help="Rebuild table and plot from experiments.json.")
+    parser.add_argument("--collect", action="store_true",
+                        help="Build the table from the runs already in out/<name>/results.json (no training).")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
@@ -91,7 +93,12 @@ def main() -> None:
         records, steps = saved["records"], saved["steps"]
     else:
         names = args.only.split(",") if args.only else CONFIGS
-        records, steps = [run_config(n, args.steps) for n in names], args.steps
+        if args.collect:
+            found = [REPO / "out" / n / "results.json" for n in names]
+            records = [json.loads(p.read_text()) for p in found if p.is_file()]
+        else:
+            records = [run_config(n, args.steps) for n in names]
+        steps = max((r.get("steps", args.steps) for r in records), default=args.steps)
         (OUT / "experiments.json").write_text(json.dumps({"steps": steps, "records": records}, indent=2) + "\n")
     (OUT / "experiments.md").write_text(table(records, steps))
     plot(records, OUT / "experiments.png")
