@@ -124,17 +124,18 @@ CLEAN_CPU_SHARE = 0.85
 
 def _rounds(group: Group, mode: Mode, procs: dict[str, WorkerProc], records: dict[str, dict[str, Any]],
             live: list[str], threads: int) -> None:
-    """Warm-up, then timed rounds until ``repeats`` clean rounds or ``repeats + extra_rounds`` rounds in all.
+    """Warm-up, then ``repeats`` timed rounds, plus up to ``extra_rounds`` more while some but too few were clean.
 
     Every round is kept in the record (``round_clean`` says which were clean); the analysis uses the clean ones
-    when there are enough. Rounds are whole units for every worker, so pairs stay paired.
+    when there are enough. Rounds are whole units for every worker, so pairs stay paired. Extra rounds are only
+    worth their time when the machine is quiet part of the time: under sustained load none would be clean.
     """
     if not live:
         return
     runners = ["step"] if group.kind == "train" else records[live[0]]["runners"]
     repeats = mode.repeats if group.kind == "train" else mode.infer_repeats
     clean = rnd = 0
-    while rnd < mode.warmup + repeats + mode.extra_rounds and not (rnd >= mode.warmup and clean >= repeats):
+    while rnd < mode.warmup + repeats or (0 < clean < repeats and rnd < mode.warmup + repeats + mode.extra_rounds):
         shares = _round(rnd, runners, live, procs, records, mode, group.kind)
         share = min(shares, default=1.0) / threads
         if rnd >= mode.warmup:

@@ -114,10 +114,10 @@ QUICK = Mode(
 )
 
 FULL = Mode(
-    name="full", batch=(8, 128), repeats=9, warmup=2, steps_per_repeat=1, infer_repeats=9, import_repeats=7,
+    name="full", batch=(8, 128), repeats=7, warmup=1, steps_per_repeat=1, infer_repeats=7, import_repeats=7,
     models={"llama33m": ModelSpec("random Llama 33.7M", "random", LLAMA_33M),
             "smollm2": ModelSpec("SmolLM2-135M", "smollm2")},
-    groups=_train_groups("llama33m") + _train_groups("smollm2", "smollm2-"), run_mixed_batch=True, extra_rounds=6,
+    groups=_train_groups("llama33m") + _train_groups("smollm2", "smollm2-"), run_mixed_batch=True, extra_rounds=4,
 )
 
 SMOKE = Mode(
