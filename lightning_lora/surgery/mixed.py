@@ -165,9 +165,10 @@ class _Router:
         result3 = result.reshape(rows, -1, layer.out_features)  # (n, T, out)
         if result3.dtype != bt.dtype:
             return (result3 + torch.bmm(xa, bt).to(result3.dtype)).view(out_shape)
-        if result.requires_grad and torch.is_grad_enabled() or not result.is_contiguous():
+        graph = result.requires_grad and torch.is_grad_enabled()
+        if graph or not result.is_contiguous() or not layer._may_write_base_output():
             return torch.baddbmm(result3, xa, bt).view(out_shape)  # (n, T, out) + (n, T, r) @ (n, r, out)
-        # The base output is ours (freshly computed, no graph): add in place, saving an (n, T, out) copy.
+        # No graph and no hook that kept the base output: add into it, saving an (n, T, out) copy (as _add_update).
         return result3.baddbmm_(xa, bt).view(out_shape)
 
     def _plan(self, layer: LoRALayer, rows: int) -> object:

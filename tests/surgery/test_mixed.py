@@ -210,3 +210,19 @@ def test_delete_adapter_frees_the_stacked_copies(model):
     with torch.no_grad(), mixed_batch(model, ["code", "legal"]):
         out = model(input_ids=input_ids(2, 3)).logits
     torch.testing.assert_close(out[:1], _alone(model, "code", lambda: logits(model, input_ids(2, 3)[:1])), rtol=1e-5, atol=1e-5)
+
+
+def test_base_output_kept_by_a_hook_is_not_changed(model):
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    ids = input_ids(2, 4)
+
+    def base_output_seen_by_hook(context) -> torch.Tensor:
+        seen = []
+        handle = layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+        with torch.no_grad(), context:
+            model(input_ids=ids)
+        handle.remove()
+        return seen[0]
+
+    in_mixed = base_output_seen_by_hook(mixed_batch(model, ["legal", "code"]))
+    torch.testing.assert_close(in_mixed, base_output_seen_by_hook(disable_adapters(model)), rtol=0, atol=0)
