@@ -29,3 +29,11 @@ def test_surgery_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_callback_example_is_the_script() -> None:
     script = (README.parent / "examples/callback_quickstart.py").read_text()
     assert _python_block_after("## Add one callback to your Trainer").strip() in script
+
+
+def test_several_adapters_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_python_block_after("## Several adapters on one base"), "README.md", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "adapters/legal/adapter_config.json").is_file()
+    assert namespace["tokens"].shape == (3, 13)
