@@ -10,8 +10,9 @@ from __future__ import annotations
 LIMITS: dict[str, str] = {
     "step time ours/PEFT": (
         "both libraries run the same base-model work; what differs is the adapter's share (a few % of a step), "
-        "which ours does with fewer kernels and temporaries (layer level: +1.8 ms per adapted 512x512 layer at "
-        "1024 tokens for ours, +2.4 ms for PEFT, over a 10.9 ms frozen layer). A median above 1.00 with a "
+        "which ours does with one fused addmm instead of PEFT's matmul, scale and add (layer level, 1 thread: "
+        "+2.1 ms per adapted 512x512 layer at 1024 tokens for ours, +2.4 ms for PEFT, over a 10.9 ms frozen "
+        "layer). A median above 1.00 with a "
         "paired range that straddles 1.00, few clean rounds or a CPU share well below 1 is the shared machine's "
         "noise, not a measured slowdown; rerun on an idle machine to separate them."
     ),
@@ -24,9 +25,11 @@ LIMITS: dict[str, str] = {
         "what a LoRA step adds to the floor is the adapter's own arithmetic: six thin matmuls per adapted layer "
         "(one side r=16). They are memory-bound on this CPU (~0.22 ms each at 1024x512 tokens x features, about "
         "half the FLOP rate of a 512x512 matmul), so 16 adapted layers cost ~1.5-2% of a step on an idle "
-        "machine, plus the AdamW step over the adapter. The hand-written backward already cut that share by "
-        "~13%; the next cuts (one matmul for q and v, which share their input; accumulating the input gradient "
-        "inside the base layer's GEMM) measured ~10% of the adapter's share each, i.e. ~0.2% of a step."
+        "machine, plus the AdamW step over the adapter. A hand-written backward that picks the faster matmul "
+        "orientations cut the adapter's share by ~13% with 1 thread but was ~1-2% slower per step with 2 threads "
+        "(Python backward between kernels), so it was not kept; the other cuts measured (one matmul for q and v, "
+        "which share their input; accumulating the input gradient inside the base layer's GEMM) are ~10% of the "
+        "adapter's share each, i.e. ~0.2% of a step."
     ),
     "merged / base latency": (
         "a merged model is the base architecture with other weight values, so any gap is timing noise; see the "
@@ -34,8 +37,8 @@ LIMITS: dict[str, str] = {
     ),
     "unmerged overhead": (
         "the unmerged forward adds two thin matmuls per adapted layer (ours adds the second one into the base "
-        "layer's output in place); at this size that is the whole overhead, and rounds on a busy machine move it "
-        "by more than the difference between the two libraries."
+        "layer's output in place, PEFT allocates three more (N, out) tensors); that is the whole overhead, and on "
+        "a busy machine, or with only two small q,v layers per block, rounds move it by more than the difference."
     ),
     "adapter file": "the safetensors header (tensor names and shapes) is the only overhead over the raw bytes.",
     "import lightning_lora": "importing torch dominates; the package itself imports no Lightning, PEFT or bitsandbytes.",

@@ -36,43 +36,6 @@ class AdapterSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-class _LoRAUpdate(torch.autograd.Function):
-    """``result + scale * (x A^T) B^T`` on 2-D tensors, with a hand-written backward.
-
-    The update is six thin matmuls (one side of size r) per layer and step; that is all LoRA adds to a frozen
-    layer's forward and input-gradient, so their speed is what separates a LoRA step from the frozen-model floor.
-    Autograd's own backward of ``addmm(result, xa, B^T)`` computes B's gradient as ``(g^T xa)^T``, which on CPU is
-    about twice as slow as ``(xa^T g)^T``; here every product takes the faster orientation. Only the tensors a
-    needed gradient uses are saved (the same ones autograd would keep), and under ``create_graph=True`` the
-    intermediate ``x A^T`` is recomputed so that second derivatives still reach ``x`` and ``A``.
-    """
-
-    @staticmethod
-    def forward(ctx, result: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        _, need_x, need_a, need_b, _ = ctx.needs_input_grad
-        ctx.recompute = need_b and (need_x or need_a)  # then `xa` depends on tensors that need a gradient
-        xa = x @ a.t()  # (N, in) @ (in, r) -> (N, r)
-        ctx.save_for_backward(x if need_a or ctx.recompute else None, a if need_x or ctx.recompute else None,
-                              b if need_x or need_a else None, xa if need_b else None)
-        ctx.scale = scale
-        return torch.addmm(result, xa, b.t(), alpha=scale)  # (N, out) + scale * (N, r) @ (r, out)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        need_result, need_x, need_a, need_b, _ = ctx.needs_input_grad
-        x, a, b, xa = ctx.saved_tensors
-        grad_x = grad_a = grad_b = None
-        if need_x or need_a:
-            gxa = (g @ b) * ctx.scale  # (N, out) @ (out, r) -> (N, r)
-            grad_x = gxa @ a if need_x else None  # (N, r) @ (r, in) -> (N, in)
-            grad_a = gxa.t() @ x if need_a else None  # (r, N) @ (N, in) -> (r, in)
-        if need_b:
-            if ctx.recompute and torch.is_grad_enabled():  # double backward: xa must be a function of x and A
-                xa = x @ a.t()
-            grad_b = (xa.t() @ g).t() * ctx.scale  # ((r, N) @ (N, out))^T -> (out, r)
-        return (g if need_result else None), grad_x, grad_a, grad_b, None
-
-
 class LoRALayer(nn.Module):
     """Wraps a base layer and holds any number of named adapters.
 
@@ -159,19 +122,17 @@ class LoRALayer(nn.Module):
     def _add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         a, b = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
         x = self.lora_dropout[name](x.to(a.dtype))  # Identity when dropout is 0: no copy
+        xa = F.linear(x, a)  # (..., in) @ (in, r) -> (..., r)
         scale = self.specs[name].scale
         if result.dtype != b.dtype or not result.is_contiguous():
-            xa = F.linear(x, a)  # (..., in) @ (in, r) -> (..., r)
             return result + (F.linear(xa, b) * scale).to(result.dtype)  # (..., r) @ (r, out) -> (..., out)
-        flat = result.view(-1, self.out_features)  # (N, out)
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if torch.is_grad_enabled() and (flat.requires_grad or x2.requires_grad or a.requires_grad or b.requires_grad):
-            flat = _LoRAUpdate.apply(flat, x2, a, b, scale)  # (N, out)
-        elif self._may_write_base_output():
-            flat = flat.addmm_(F.linear(x2, a), b.t(), alpha=scale)  # no graph: add into the base's fresh output
-        else:
-            flat = torch.addmm(flat, F.linear(x2, a), b.t(), alpha=scale)  # (N, out) + (N, r) @ (r, out)
-        return flat.view(result.shape)  # (..., out)
+        flat, xa2 = result.view(-1, self.out_features), xa.reshape(-1, xa.shape[-1])  # (N, out), (N, r)
+        # One fused kernel for `result + scale * xa @ B^T`, no separate scaled or summed temporaries; when no graph
+        # is recorded it writes into the base layer's fresh output instead of allocating another (N, out) tensor.
+        graph = torch.is_grad_enabled() and (result.requires_grad or xa.requires_grad or b.requires_grad)
+        if not graph and self._may_write_base_output():
+            return flat.addmm_(xa2, b.t(), alpha=scale).view(result.shape)  # (..., out)
+        return torch.addmm(flat, xa2, b.t(), alpha=scale).view(result.shape)  # (..., out)
 
     def _may_write_base_output(self) -> bool:
         # Adding in place into the base layer's output saves an (N, out) allocation per layer at inference, but a
