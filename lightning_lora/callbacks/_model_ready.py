@@ -57,12 +57,6 @@ def run_pending(pl_module: nn.Module) -> None:
             state["done"].add(key)
 
 
-def is_done(pl_module: nn.Module, key: str) -> bool:
-    """Whether the action under ``key`` has run on this module."""
-    state = pl_module.__dict__.get(_STATE_ATTR)
-    return bool(state) and key in state["done"]
-
-
 def forget(pl_module: nn.Module, key: str) -> None:
     """Unregister ``key`` (at teardown); the last one out restores the module's own ``configure_model``."""
     state = pl_module.__dict__.get(_STATE_ATTR)
@@ -94,4 +88,3 @@ def target_module(pl_module: nn.Module, path: str | None) -> nn.Module:
             "module=None to use the LightningModule itself."
         )
     return module
-

@@ -6,7 +6,6 @@ Each helper imports the package inside the function so that ``import lightning_l
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 
 _INSTALL_HINTS = {
@@ -30,8 +29,3 @@ def require(package: str) -> ModuleType:
     except ModuleNotFoundError as err:
         hint = _INSTALL_HINTS.get(package, f"pip install {package}")
         raise ModuleNotFoundError(f"This feature needs the optional package {package!r}. Install it with: {hint}") from err
-
-
-def is_available(package: str) -> bool:
-    """Whether an optional dependency can be imported (without importing it if already known absent)."""
-    return importlib.util.find_spec(package) is not None

@@ -123,20 +123,6 @@ def _set_packed(module: nn.Module, data: Tensor, state: Any) -> None:
     module.quant_state = state
 
 
-def quant_settings(module: nn.Module) -> dict[str, Any]:
-    """A 4-bit layer's settings as plain values: quant type, block size, double quantization, dtypes."""
-    _, state = _packed(module) if is_quantized(module) else (None, None)
-    params = module.weight
-    return {
-        "quant_type": state.quant_type if state is not None else params.quant_type,
-        "blocksize": state.blocksize if state is not None else params.blocksize,
-        "double_quant": bool(state.nested) if state is not None else bool(params.compress_statistics),
-        "dtype": str(state.dtype if state is not None else params.dtype).removeprefix("torch."),
-        "compute_dtype": str(module.compute_dtype).removeprefix("torch.") if module.compute_dtype is not None else None,
-        "quant_storage": str(params.quant_storage).removeprefix("torch."),
-    }
-
-
 def logical_numel(param: Tensor) -> int:
     """How many weights a (possibly packed 4-bit) parameter stands for: the dense shape's size when known."""
     state = getattr(param, "quant_state", None)
