@@ -133,6 +133,18 @@ def _restore(layers: list[tuple[str, LoRALayer]], states: list[_LayerState]) -> 
 
 
 @contextlib.contextmanager
+def _restored_after(layers: list[tuple[str, LoRALayer]], *, disabled: bool) -> Iterator[None]:
+    # Shared by use_adapters / disable_adapters: set every layer's `disabled` flag, restore the exact state on exit.
+    states = _snapshot(layers)
+    try:
+        for _, layer in layers:
+            layer.disabled = disabled
+        yield
+    finally:
+        _restore(layers, states)
+
+
+@contextlib.contextmanager
 def use_adapters(model: nn.Module, names: str | Sequence[str]) -> Iterator[nn.Module]:
     """Run with ``names`` active (and adapters enabled) inside the block; the previous state comes back on exit.
 
@@ -147,14 +159,9 @@ def use_adapters(model: nn.Module, names: str | Sequence[str]) -> Iterator[nn.Mo
         UnknownAdapterError, SurgeryError: As :func:`set_active_adapters`.
     """
     layers = _require_lora(model, "use_adapters")
-    states = _snapshot(layers)
-    set_active_adapters(model, names)
-    try:
-        for _, layer in layers:
-            layer.disabled = False
+    with _restored_after(layers, disabled=False):
+        set_active_adapters(model, names)
         yield model
-    finally:
-        _restore(layers, states)
 
 
 @contextlib.contextmanager
@@ -183,13 +190,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     shared = sorted(n for n, cfg in adapter_configs(model).items() if cfg.modules_to_save or cfg.bias != "none")
     if shared:
         log.warning("disable_adapters: adapters %s train modules_to_save or biases in place; those stay in effect.", shared)
-    states = _snapshot(layers)
-    try:
-        for _, layer in layers:
-            layer.disabled = True
+    with _restored_after(layers, disabled=True):
         yield model
-    finally:
-        _restore(layers, states)
 
 
 # --------------------------------------------------------------------------------------------------- deleting
