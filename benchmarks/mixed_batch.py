@@ -82,7 +82,7 @@ def build_models(config: dict[str, Any] = LLAMA_33M, n_adapters: int = N_ADAPTER
 
 
 def _randomise_and_copy(ours: nn.Module, peft: nn.Module, name: str, generator: torch.Generator) -> None:
-    from lightning_lora.surgery.registry import lora_layers
+    from lightning_lora.surgery.lora.inventory import lora_layers
 
     theirs = {n.removeprefix("base_model.model."): m for n, m in peft.named_modules() if hasattr(m, "lora_A")}
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 
 from benchmarks.settings import LORA
 
-QUANT_MODULE = "lightning_lora.surgery.quantize"
+QUANT_MODULE = "lightning_lora.surgery.quant.quantize"
 
 
 def load_base(model_dir: str) -> nn.Module:
@@ -31,7 +31,7 @@ def load_base_4bit(model_dir: str, impl: str) -> nn.Module:
 
     PEFT's users load through transformers' ``BitsAndBytesConfig`` and call ``prepare_model_for_kbit_training``
     (without its default gradient checkpointing, so that the row compares LoRA, not checkpointing); ours load the
-    dense model and call :func:`lightning_lora.surgery.quantize.quantize_model`.
+    dense model and call :func:`lightning_lora.surgery.quant.quantize.quantize_model`.
     """
     if impl == "peft":
         from peft import prepare_model_for_kbit_training
@@ -44,7 +44,8 @@ def load_base_4bit(model_dir: str, impl: str) -> nn.Module:
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if importlib.util.find_spec(QUANT_MODULE) is None:
         raise RuntimeError(f"{QUANT_MODULE} does not exist yet: no QLoRA row for lightning-lora.")
-    from lightning_lora.surgery.quantize import QuantConfig, quantize_model
+    from lightning_lora.surgery.quant.config import QuantConfig
+    from lightning_lora.surgery.quant.quantize import quantize_model
 
     model = load_base(model_dir)
     quantize_model(model, QuantConfig(quant_type="nf4", double_quant=True, compute_dtype="float32"))

@@ -178,7 +178,7 @@ def assert_same_state(before: dict[str, torch.Tensor], model: nn.Module) -> None
 
 def lora_structure(model: nn.Module) -> list[tuple[str, list[str], list[str], list[str]]]:
     """Every LoRA wrapper with its adapters, active adapters and merged adapters (for "nothing changed" checks)."""
-    from lightning_lora.surgery.layers import LoRALayer
+    from lightning_lora.surgery.lora.layer import LoRALayer
 
     return [(n, sorted(m.specs), list(m.active_adapters), list(m.merged_adapters))
             for n, m in model.named_modules() if isinstance(m, LoRALayer)]

@@ -12,11 +12,11 @@ order (LoRA surgery, then freezing, then checkpointing).
 
 from lightning_lora.callbacks.gradient_checkpointing import GradientCheckpointing
 from lightning_lora.callbacks.layer_freezing import LayerFreezing
-from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning, OptimizerSetupError
+from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning
 from lightning_lora.callbacks.merge_export import MergeAndExport
 from lightning_lora.callbacks.multi_adapter import MultiAdapterEvaluation
 from lightning_lora.callbacks.trainable_parameters import TrainableParameters
-from lightning_lora.surgery.checkpoint import CheckpointMismatchError
+from lightning_lora.surgery.errors import CheckpointMismatchError, OptimizerSetupError
 
 __all__ = [
     "CheckpointMismatchError", "GradientCheckpointing", "LayerFreezing", "LoRAFinetuning", "MergeAndExport",

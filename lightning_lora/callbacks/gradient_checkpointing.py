@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import CHECKPOINTING, forget, target_module, when_model_ready
-from lightning_lora.surgery.checkpointing import enable_activation_checkpointing
+from lightning_lora.surgery.training.activation_checkpointing import enable_activation_checkpointing
 
 
 class GradientCheckpointing(Callback):

@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import FREEZING, forget, target_module, when_model_ready
-from lightning_lora.surgery.errors import LoRAConfigError
-from lightning_lora.surgery.freeze import add_param_group, block_spec_problems, has_lora, selected_parameters, train_only, unfreeze
+from lightning_lora.surgery.errors import FreezingConfigError
+from lightning_lora.surgery.training.freeze import add_param_group, block_spec_problems, has_lora, selected_parameters, train_only, unfreeze
 
 Interval = Literal["epoch", "step"]
 
@@ -72,7 +72,7 @@ class LayerFreezing(Callback):
         if self.blocks is None and not self.modules and not self.schedule:
             problems.append("nothing to train: give blocks=, modules= or schedule=.")
         if problems:
-            raise LoRAConfigError("Invalid LayerFreezing:\n  - " + "\n  - ".join(problems))
+            raise FreezingConfigError("Invalid LayerFreezing:\n  - " + "\n  - ".join(problems))
 
     @property
     @override

@@ -25,26 +25,20 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
-from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
-from lightning_lora.surgery.checkpoint import (
-    CheckpointMismatchError,
-    adapter_only_state_dict,
-    config_differences,
-    install_load_guard,
-)
-from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.quant_config import QuantConfig
-from lightning_lora.surgery.errors import SurgeryError
-from lightning_lora.surgery.freeze import frozen_in_optimizers, trainable_not_in_optimizers
-from lightning_lora.surgery.identity import identity_differences, model_identity
-from lightning_lora.surgery.registry import adapter_configs
-from lightning_lora.surgery.report import SurgeryReport
+from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
+from lightning_lora.surgery.errors import CheckpointMismatchError
+from lightning_lora.surgery.training.adapter_checkpoint import adapter_only_state_dict, config_differences, install_load_guard
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.quant.config import QuantConfig
+from lightning_lora.surgery.errors import OptimizerSetupError, SurgeryError
+from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainable_not_in_optimizers
+from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
+from lightning_lora.surgery.lora.inventory import adapter_configs
+from lightning_lora.surgery.lora.report import SurgeryReport
 
 _STATE_VERSION = 1
 
 
-class OptimizerSetupError(RuntimeError):
-    """Trainable parameters are missing from every optimizer: they would silently never be updated."""
 
 
 class LoRAFinetuning(Callback):
@@ -65,7 +59,7 @@ class LoRAFinetuning(Callback):
         config: What to adapt and how (in YAML: a nested mapping of :class:`LoRAConfig` fields).
             Default: ``LoRAConfig()`` (q_proj and v_proj, r=16).
         quantize: Quantize the target's base layers to 4 bit before the LoRA surgery (QLoRA), with
-            ``lightning_lora.surgery.quantize.quantize_model``. Default: None (no quantization).
+            ``lightning_lora.surgery.quant.quantize.quantize_model``. Default: None (no quantization).
         module: Attribute path of the network inside the LightningModule to adapt, e.g. ``"model"``.
             Parameters outside it are frozen too. Default: None (the LightningModule itself).
         adapter_only_checkpoints: Checkpoints hold only the trainable tensors (adapters, ``modules_to_save``),
@@ -130,7 +124,7 @@ class LoRAFinetuning(Callback):
             return self._check_existing(pl_module, target, existing)
         self.identity = model_identity(target)  # of the base as built, before quantization and LoRA
         if self.quantize is not None:
-            from lightning_lora.surgery.quantize import quantize_model
+            from lightning_lora.surgery.quant.quantize import quantize_model
 
             plan_lora(target, self.config, name=self.adapter_name)  # a config that does not fit fails before quantizing
             quantize_model(target, self.quantize)

@@ -4,7 +4,7 @@ On each validation batch, after the module's own ``validation_step``, the callba
 requested adapter (only that adapter active) and once with every adapter off, and accumulates each loss weighted
 by its number of target tokens. At the end of the epoch it logs ``val_loss/<adapter>`` (and ``val_loss/base``).
 The adapters that were active before are restored after every batch, also when a forward fails. The work lives in
-:mod:`lightning_lora.surgery.multi` (:func:`use_adapters`, :func:`disable_adapters`).
+:mod:`lightning_lora.surgery.lora.active` (:func:`use_adapters`, :func:`disable_adapters`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lora.surgery.mixed import BASE
-from lightning_lora.surgery.multi import check_adapter_names, disable_adapters, list_adapters, use_adapters
+from lightning_lora.surgery.multi.mixed import BASE
+from lightning_lora.surgery.lora.active import check_adapter_names, disable_adapters, list_adapters, use_adapters
 
 LossFn = Callable[[pl.LightningModule, Any], "Tensor | tuple[Tensor, Tensor | int]"]
 

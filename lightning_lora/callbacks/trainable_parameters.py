@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import target_module
-from lightning_lora.surgery.summary import ParameterSummary, summarize_parameters
+from lightning_lora.surgery.training.summary import ParameterSummary, summarize_parameters
 
 
 class TrainableParameters(Callback):

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser
 
-from lightning_lora.surgery.export import ExportReport, export_merged
+from lightning_lora.surgery.io.export import ExportReport, export_merged
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ MergeBaseName = Literal["dequantized", "original", "requantize"]
 
 def build_parser() -> ArgumentParser:
     """The ``export`` command's arguments."""
-    from lightning_lora.surgery.quant_config import QuantConfig
+    from lightning_lora.surgery.quant.config import QuantConfig
 
     parser = ArgumentParser(prog="lightning-lora export", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="config", help="A YAML file with these keys.")
@@ -44,12 +44,12 @@ def export_main(argv: Sequence[str]) -> ExportReport:
     parser = build_parser()
     args = parser.instantiate_classes(parser.parse_args(list(argv)))
     from lightning_lora.modules.loading import load_causal_lm
-    from lightning_lora.surgery.adapters import load_adapter
+    from lightning_lora.surgery.io.adapter_files import load_adapter
 
     model, tokenizer = load_causal_lm(args.model, args.dtype)
     # "original" merges onto the full-precision weights: that is the base as loaded, never quantized.
     if args.quantize is not None and args.merge_base != "original":
-        from lightning_lora.surgery.quantize import quantize_model
+        from lightning_lora.surgery.quant.quantize import quantize_model
 
         quantize_model(model, args.quantize)
     load_adapter(model, args.adapter)

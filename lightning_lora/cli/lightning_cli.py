@@ -16,14 +16,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
-from lightning_lora.surgery.config import LoRAConfig
+from lightning_lora.surgery.lora.config import LoRAConfig
 
 log = logging.getLogger(__name__)
 
 
 def _quant_config_type() -> Any | None:
     try:
-        from lightning_lora.surgery.quantize import QuantConfig
+        from lightning_lora.surgery.quant.config import QuantConfig
     except ImportError:  # pragma: no cover - QLoRA support is part of the package; kept optional for slim installs
         return None
     return QuantConfig

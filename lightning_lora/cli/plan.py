@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from jsonargparse import ArgumentParser
 
-from lightning_lora.surgery.apply import plan_lora
-from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.report import LoRAPlan
+from lightning_lora.surgery.lora.apply import plan_lora
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.lora.report import LoRAPlan
 
 
 def build_parser() -> ArgumentParser:

@@ -6,7 +6,6 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_lora.surgery._io import atomic_file
-from lightning_lora.surgery.report import count_parameters
+from lightning_lora.surgery.io.atomic import atomic_file
+from lightning_lora.surgery.lora.report import count_parameters
 
 
 def peak_rss_mib() -> float:

@@ -1,34 +1,94 @@
-"""Model surgery for LoRA in plain PyTorch: select, wrap, merge, unmerge, unload, save and load adapters.
+"""Model surgery for parameter-efficient fine-tuning in plain PyTorch (never imports Lightning).
 
-This package never imports Lightning.
+Sub-packages, in dependency order (each imports only those above it, plus :mod:`.errors`):
+
+* ``lora/`` -- the LoRA core: config, target selection, the wrapper layer, codecs, add / apply / merge / unload,
+  active adapters. Imports none of its siblings.
+* ``quant/`` -- 4-bit bases (bitsandbytes): config, quantization, k-bit preparation, merge bases. Registers its
+  codec and merge path with the core.
+* ``io/`` -- files: PEFT format, adapter files and multi-adapter directories, merged export, atomic writes.
+* ``multi/`` -- several adapters at once: mixed batches, combining.
+* ``training/`` -- helpers the Lightning callbacks call: adapter-only checkpoints, activation checkpointing,
+  freezing and optimizer surgery, fingerprints, parameter summaries.
+
+This package and :mod:`lightning_lora` export the same public names.
 """
 
-from lightning_lora.surgery.adapters import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora, merge_lora, plan_lora, set_trainable, unload_lora, unmerge_lora
-from lightning_lora.surgery.codecs import Codec, codec_for, register_codec
-from lightning_lora.surgery.config import LoRAConfig
 from lightning_lora.surgery.errors import (
     AdapterLoadError,
+    CheckpointMismatchError,
+    CombineError,
+    ConfigError,
+    FreezingConfigError,
+    KbitConfigError,
+    LightningLoRAError,
     LoRAConfigError,
     MergeError,
+    MixedBatchError,
+    OptimizerSetupError,
+    QuantConfigError,
     QuantizationError,
     SurgeryError,
     TargetMatchError,
+    UnknownAdapterError,
 )
-from lightning_lora.surgery.kbit import KbitReport, prepare_for_kbit_training
-from lightning_lora.surgery.layers import AdapterSpec, LoRALayer
-from lightning_lora.surgery.merge_bases import MergeBase, MergeComparison, compare_merge_bases
-from lightning_lora.surgery.quant_config import QuantConfig
-from lightning_lora.surgery.quantize import QuantReport, plan_quantization, quantize_model
-from lightning_lora.surgery.registry import adapter_configs, lora_layers
-from lightning_lora.surgery.report import LoRAPlan, PlannedLayer, SurgeryReport, count_parameters
+from lightning_lora.surgery.lora.active import (
+    delete_adapter,
+    disable_adapters,
+    get_active_adapters,
+    list_adapters,
+    set_active_adapters,
+    use_adapters,
+)
+from lightning_lora.surgery.lora.apply import (
+    DEFAULT_ADAPTER,
+    add_adapter,
+    apply_lora,
+    plan_lora,
+    set_trainable,
+    unload_lora,
+)
+from lightning_lora.surgery.lora.codecs import Codec, codec_for, register_codec
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_parameters, lora_layers
+from lightning_lora.surgery.lora.layer import AdapterSpec, LoRALayer
+from lightning_lora.surgery.lora.merge import MergeBase, merge_lora, unmerge_lora
+from lightning_lora.surgery.lora.report import LoRAPlan, PlannedLayer, SurgeryReport, count_parameters
+import lightning_lora.surgery.quant  # noqa: F401  (registers the 4-bit codec and merge path with the core)
+from lightning_lora.surgery.quant.config import QuantConfig
+from lightning_lora.surgery.quant.kbit import KbitReport, prepare_for_kbit_training
+from lightning_lora.surgery.quant.merge_bases import MergeComparison, compare_merge_bases
+from lightning_lora.surgery.quant.quantize import QuantReport, plan_quantization, quantize_model
+from lightning_lora.surgery.io.adapter_dirs import find_adapters, load_adapters, save_adapters
+from lightning_lora.surgery.io.adapter_files import (
+    adapter_state_dict,
+    check_adapter_fits,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from lightning_lora.surgery.io.export import ExportReport, export_merged
+from lightning_lora.surgery.multi.combine import combine_adapters
+from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache, mixed_batch
 
 __all__ = [
-    "DEFAULT_ADAPTER", "AdapterLoadError", "AdapterSpec", "Codec", "LoRAConfig", "LoRAConfigError", "LoRALayer",
-    "LoRAPlan", "MergeError", "PlannedLayer", "SurgeryError", "SurgeryReport", "TargetMatchError", "adapter_configs",
-    "adapter_state_dict", "apply_lora", "codec_for", "count_parameters", "load_adapter", "lora_layers", "merge_lora",
-    "plan_lora", "read_adapter", "register_codec", "save_adapter", "set_trainable", "unload_lora", "unmerge_lora",
+    # errors
+    "AdapterLoadError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
+    "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "OptimizerSetupError",
+    "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
+    # LoRA core
+    "DEFAULT_ADAPTER", "AdapterSpec", "Codec", "LoRAConfig", "LoRALayer", "LoRAPlan", "MergeBase", "PlannedLayer",
+    "SurgeryReport", "adapter_configs", "adapter_parameters", "add_adapter", "apply_lora", "codec_for",
+    "count_parameters", "lora_layers", "merge_lora", "plan_lora", "register_codec", "set_trainable", "unload_lora",
+    "unmerge_lora",
+    # active adapters
+    "delete_adapter", "disable_adapters", "get_active_adapters", "list_adapters", "set_active_adapters", "use_adapters",
     # QLoRA
-    "KbitReport", "MergeBase", "MergeComparison", "QuantConfig", "QuantReport", "QuantizationError",
-    "compare_merge_bases", "plan_quantization", "prepare_for_kbit_training", "quantize_model",
+    "KbitReport", "MergeComparison", "QuantConfig", "QuantReport", "compare_merge_bases", "plan_quantization",
+    "prepare_for_kbit_training", "quantize_model",
+    # files
+    "ExportReport", "adapter_state_dict", "check_adapter_fits", "export_merged", "find_adapters", "load_adapter",
+    "load_adapters", "read_adapter", "save_adapter", "save_adapters",
+    # several adapters at once
+    "clear_mixed_batch_cache", "combine_adapters", "mixed_batch",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from lightning_lora import LoRAConfig
 from lightning_lora.callbacks import LayerFreezing, LoRAFinetuning
-from lightning_lora.surgery.errors import LoRAConfigError
+from lightning_lora.surgery.errors import FreezingConfigError, LoRAConfigError
 from tests.callbacks.models import TinyModule, trainer
 
 
@@ -94,9 +94,9 @@ def test_step_schedule_adds_the_group_at_that_step(tmp_path: Path) -> None:
 
 
 def test_bad_settings_are_refused_before_training(tmp_path: Path) -> None:
-    with pytest.raises(LoRAConfigError, match=r"(?s)blocks='last two'.*schedule\[1\]=\[\].*interval='epochs'"):
+    with pytest.raises(FreezingConfigError, match=r"(?s)blocks='last two'.*schedule\[1\]=\[\].*interval='epochs'"):
         LayerFreezing("last two", schedule={1: []}, interval="epochs")
-    with pytest.raises(LoRAConfigError, match="nothing to train"):
+    with pytest.raises(FreezingConfigError, match="nothing to train"):
         LayerFreezing()
     with pytest.raises(LoRAConfigError, match=r"indices \[5\] are out of range; the model has 2 blocks"):
         trainer(tmp_path, [LayerFreezing([0], schedule={1: [5]}, module="model")]).fit(TinyModule())

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lora import LoRAConfig, SurgeryError
 from lightning_lora.callbacks import CheckpointMismatchError, LoRAFinetuning, OptimizerSetupError
-from lightning_lora.surgery.layers import LoRALayer
+from lightning_lora.surgery.lora.layer import LoRALayer
 from tests.callbacks.models import TinyModule, adapter_tensors, trainer
 
 CFG = LoRAConfig(r=4, targets=["q_proj", "v_proj"])
@@ -242,7 +242,7 @@ def test_lightning_demo_transformer_trains_only_its_adapters(tmp_path: Path) -> 
 
 def test_qlora_quantizes_before_the_surgery_and_resumes_exactly(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    from lightning_lora.surgery.quant_config import QuantConfig
+    from lightning_lora.surgery.quant.config import QuantConfig
 
     quant = QuantConfig(targets=["q_proj", "v_proj"], compute_dtype="float32")
 
@@ -269,7 +269,7 @@ def test_qlora_quantizes_before_the_surgery_and_resumes_exactly(tmp_path: Path) 
 def test_lora_config_that_does_not_fit_fails_before_quantizing() -> None:
     pytest.importorskip("bitsandbytes")
     from lightning_lora import TargetMatchError
-    from lightning_lora.surgery.quant_config import QuantConfig
+    from lightning_lora.surgery.quant.config import QuantConfig
 
     module = TinyModule(hidden=64)
     callback = LoRAFinetuning(LoRAConfig(targets=["q_prj"]), module="model", quantize=QuantConfig(targets=["q_proj"]))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lightning_lora import LoRAConfig, SurgeryError, load_adapter
 from lightning_lora.callbacks import LoRAFinetuning, MergeAndExport
-from lightning_lora.surgery.layers import LoRALayer
+from lightning_lora.surgery.lora.layer import LoRALayer
 from tests.callbacks.models import TinyLlamaModule, TinyModule, TinyNet, adapter_tensors, trainer
 from tests.factories import input_ids, tiny_llama
 

@@ -19,7 +19,7 @@ from lightning_lora import (
 from lightning_lora.callbacks import LoRAFinetuning, MultiAdapterEvaluation
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
-from lightning_lora.surgery.registry import lora_layers
+from lightning_lora.surgery.lora.inventory import lora_layers
 from tests.factories import perturb_lora_B
 from tests.tiny_lm import save_tiny_causal_lm
 

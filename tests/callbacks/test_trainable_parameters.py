@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_lora import LoRAConfig
 from lightning_lora.callbacks import LoRAFinetuning, TrainableParameters
-from lightning_lora.surgery.summary import summarize_parameters
+from lightning_lora.surgery.training.summary import summarize_parameters
 from tests.callbacks.models import TinyLlamaModule, trainer
 
 # tiny_llama(num_layers=2): hidden 32, 4 heads of 8, 2 KV heads (k/v out 16), MLP 64, vocab 128, untied head.
@@ -56,8 +56,8 @@ def test_full_fine_tuning_counts_everything_and_sgd_without_momentum_has_no_stat
 
 def test_4bit_packed_weights_count_two_parameters_per_byte() -> None:
     pytest.importorskip("bitsandbytes")
-    from lightning_lora.surgery.quant_config import QuantConfig
-    from lightning_lora.surgery.quantize import quantize_model
+    from lightning_lora.surgery.quant.config import QuantConfig
+    from lightning_lora.surgery.quant.quantize import quantize_model
 
     model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 8))
     quantize_model(model, QuantConfig(targets=["0"], compute_dtype="float32"))

@@ -21,7 +21,7 @@ from lightning_lora.surgery import (
     lora_layers,
     save_adapter,
 )
-from lightning_lora.surgery.adapters import CONFIG_NAME, WEIGHTS_NAME
+from lightning_lora.surgery.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_llama, unchanged
 
 QV = LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_lora.surgery import (
+    UnknownAdapterError,
     LoRAConfig,
     LoRALayer,
     SurgeryError,
@@ -47,7 +48,7 @@ def test_unknown_adapter_name_in_merge_is_refused_and_changes_nothing() -> None:
     apply_lora(model, QV)
     perturb_lora_B(model)
     for unload in (True, False):
-        with unchanged(model), pytest.raises(SurgeryError, match=r"merge_lora: no adapter named 'nope' on this model \(adapters: \['default'\]\)"):
+        with unchanged(model), pytest.raises(UnknownAdapterError, match=r"merge_lora: no adapter named 'nope' on this model; its adapters are \['default'\]"):
             merge_lora(model, adapters=["default", "nope"], unload=unload)
 
 

@@ -22,7 +22,7 @@ from lightning_lora import (
     set_active_adapters,
     use_adapters,
 )
-from lightning_lora.surgery.registry import lora_layers
+from lightning_lora.surgery.lora.inventory import lora_layers
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_llama
 
 WEIGHTS = [0.7, -0.4]

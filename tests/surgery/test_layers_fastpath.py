@@ -3,13 +3,12 @@ used when no graph is recorded. Both must give exactly what the plain formula gi
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from lightning_lora.surgery.codecs import codec_for
-from lightning_lora.surgery.layers import AdapterSpec, LoRALayer
+from lightning_lora.surgery.lora.codecs import codec_for
+from lightning_lora.surgery.lora.layer import AdapterSpec, LoRALayer
 
 N, IN, OUT, R = 6, 5, 4, 3
 

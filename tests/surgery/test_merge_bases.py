@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_lora import LoRAConfig, MergeError, QuantConfig, apply_lora, compare_merge_bases, merge_lora, quantize_model
 from lightning_lora.surgery import LoRALayer, lora_layers, unmerge_lora
-from lightning_lora.surgery.bnb4bit import dequantize, is_linear4bit, weight_bytes
+from lightning_lora.surgery.quant.bnb4bit import dequantize, is_linear4bit, weight_bytes
 from tests.factories import input_ids, logits, perturb_lora_B, state_snapshot, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")

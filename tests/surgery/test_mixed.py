@@ -17,8 +17,8 @@ from lightning_lora import (
     unmerge_lora,
     use_adapters,
 )
-from lightning_lora.surgery.mixed import clear_mixed_batch_cache
-from lightning_lora.surgery.registry import lora_layers
+from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache
+from lightning_lora.surgery.lora.inventory import lora_layers
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_gpt2, tiny_llama
 
 ROWS = ["legal", "base", "medical", "code", "legal", "__base__"]
@@ -204,9 +204,10 @@ def test_delete_adapter_frees_the_stacked_copies(model):
 
     with torch.no_grad(), mixed_batch(model, ["legal", "code"]):
         model(input_ids=input_ids(2, 3))
-    assert any("_mixed_batch_stack" in vars(layer) for _, layer in lora_layers(model))
+    assert any("_mixed_batch_stack" in layer.derived for _, layer in lora_layers(model))
     delete_adapter(model, "medical")
-    assert not any("_mixed_batch_stack" in vars(layer) for _, layer in lora_layers(model))
+    stacks = [layer.derived["_mixed_batch_stack"] for _, layer in lora_layers(model) if "_mixed_batch_stack" in layer.derived]
+    assert not any("medical" in slots for _, slots, _, _ in stacks)  # no stacked copy of the deleted adapter is kept
     with torch.no_grad(), mixed_batch(model, ["code", "legal"]):
         out = model(input_ids=input_ids(2, 3)).logits
     torch.testing.assert_close(out[:1], _alone(model, "code", lambda: logits(model, input_ids(2, 3)[:1])), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from lightning_lora import (
     unmerge_lora,
     use_adapters,
 )
-from lightning_lora.surgery.registry import adapter_configs, lora_layers
+from lightning_lora.surgery.lora.inventory import adapter_configs, lora_layers
 from tests.factories import assert_same_state, input_ids, logits, perturb_lora_B, state_snapshot, tiny_llama
 
 

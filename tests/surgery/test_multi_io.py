@@ -20,9 +20,9 @@ from lightning_lora import (
     save_adapters,
     use_adapters,
 )
-from lightning_lora.surgery.adapters import adapter_state_dict
-from lightning_lora.surgery.multi import find_adapters
-from lightning_lora.surgery.registry import lora_layers
+from lightning_lora.surgery.io.adapter_files import adapter_state_dict
+from lightning_lora.surgery.io.adapter_dirs import find_adapters
+from lightning_lora.surgery.lora.inventory import lora_layers
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_gpt2, tiny_llama
 
 CONFIGS = {

@@ -22,8 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 from lightning_lora.surgery import LoRAConfig, LoRALayer, TargetMatchError, apply_lora, load_adapter, save_adapter  # noqa: E402
-from lightning_lora.surgery.peft_format import task_type_of  # noqa: E402
-from lightning_lora.surgery.targets import num_blocks, resolve_layers  # noqa: E402
+from lightning_lora.surgery.io.peft_format import task_type_of  # noqa: E402
+from lightning_lora.surgery.lora.targets import num_blocks, resolve_layers  # noqa: E402
 from tests.factories import FAMILIES, input_ids, logits  # noqa: E402
 
 # transformers 5 deprecation warning raised inside PEFT; not ours.

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_lora import LoRAConfig, QuantConfig, apply_lora, merge_lora, quantize_model, save_adapter
 from lightning_lora.surgery import LoRALayer, count_parameters, load_adapter, lora_layers
-from lightning_lora.surgery.bnb4bit import dequantize, is_linear4bit, keep_portable_layout_, to_dense_linear
+from lightning_lora.surgery.quant.bnb4bit import dequantize, is_linear4bit, keep_portable_layout_, to_dense_linear
 from tests.factories import input_ids, logits, perturb_lora_B, state_snapshot, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_lora import LoRAConfig, QuantConfig, apply_lora, prepare_for_kbit_training, quantize_model
-from lightning_lora.surgery import LoRAConfigError, SurgeryError, lora_layers
+from lightning_lora.surgery import KbitConfigError, SurgeryError, lora_layers
 from tests.factories import input_ids, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -83,7 +83,7 @@ def test_gradient_checkpointing_keeps_adapter_gradients(reentrant: bool) -> None
 
 def test_reentrant_checkpointing_without_input_grads_is_refused() -> None:
     model = qlora_llama()
-    with pytest.raises(LoRAConfigError, match=r"reentrant=True gradient checkpointing needs input_grads=True"):
+    with pytest.raises(KbitConfigError, match=r"reentrant=True gradient checkpointing needs input_grads=True"):
         prepare_for_kbit_training(model, gradient_checkpointing=True, reentrant=True)
     assert not model.model.gradient_checkpointing
 

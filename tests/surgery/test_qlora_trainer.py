@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from lightning_lora import LoRAConfig, QuantConfig, quantize_model
 from lightning_lora.surgery import count_parameters, lora_layers
-from lightning_lora.surgery.bnb4bit import is_linear4bit
-from lightning_lora.surgery.summary import summarize_parameters
+from lightning_lora.surgery.quant.bnb4bit import is_linear4bit
+from lightning_lora.surgery.training.summary import summarize_parameters
 from tests.factories import input_ids, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_lora import LoRAConfig, QuantConfig, QuantizationError, apply_lora, quantize_model
-from lightning_lora.surgery import LoRAConfigError, SurgeryError, TargetMatchError, plan_quantization
-from lightning_lora.surgery.bnb4bit import dequantize, is_linear4bit, weight_bytes
+from lightning_lora.surgery import QuantConfigError, SurgeryError, TargetMatchError, plan_quantization
+from lightning_lora.surgery.quant.bnb4bit import dequantize, is_linear4bit, weight_bytes
 from tests.factories import input_ids, logits, state_snapshot, tiny_gpt2, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -45,17 +45,17 @@ def test_quant_config_defaults_and_round_trip() -> None:
     ],
 )
 def test_quant_config_rejects_bad_values(kwargs: dict, match: str) -> None:
-    with pytest.raises(LoRAConfigError, match=match):
+    with pytest.raises(QuantConfigError, match=match):
         QuantConfig(**kwargs)
 
 
 def test_quant_config_reports_every_problem_at_once() -> None:
-    with pytest.raises(LoRAConfigError, match=r"(?s)bits=3.*quant_type='x'.*blocksize=7"):
+    with pytest.raises(QuantConfigError, match=r"(?s)bits=3.*quant_type='x'.*blocksize=7"):
         QuantConfig(bits=3, quant_type="x", blocksize=7)
 
 
 def test_quant_config_from_dict_names_unknown_keys() -> None:
-    with pytest.raises(LoRAConfigError, match=r"Unknown QuantConfig field\(s\) \['load_in_4bit'\]"):
+    with pytest.raises(QuantConfigError, match=r"Unknown QuantConfig field\(s\) \['load_in_4bit'\]"):
         QuantConfig.from_dict({"load_in_4bit": True})
 
 
@@ -193,7 +193,7 @@ def test_quant_config_from_a_yaml_config_with_jsonargparse() -> None:
 def test_transformers_model_declares_its_4bit_layers_and_reloads(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lightning_lora.surgery.bnb4bit import keep_portable_layout_
+    from lightning_lora.surgery.quant.bnb4bit import keep_portable_layout_
 
     model = tiny_llama(num_layers=2)
     quantize_model(model, QuantConfig(exclude=["down_proj"]))

@@ -20,7 +20,7 @@ from lightning_lora.surgery import (
     merge_lora,
     plan_lora,
 )
-from lightning_lora.surgery.targets import block_index
+from lightning_lora.surgery.lora.targets import block_index
 from tests.factories import FAMILIES, perturb_lora_B, tiny_bert, tiny_llama, unchanged
 
 LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -14,12 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_lora.surgery._io import atomic_dir
-from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora, modules_to_save_paths, plan_lora, set_trainable
-from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.errors import AdapterLoadError, SurgeryError
-from lightning_lora.surgery.layers import LoRALayer
-from lightning_lora.surgery.peft_format import (
+from lightning_lora.surgery.errors import AdapterLoadError, SurgeryError, UnknownAdapterError
+from lightning_lora.surgery.io.atomic import atomic_dir
+from lightning_lora.surgery.io.peft_format import (
     PEFT_PREFIX,
     base_model_name,
     config_from_peft,
@@ -27,8 +24,12 @@ from lightning_lora.surgery.peft_format import (
     target_modules_for,
     task_type_of,
 )
-from lightning_lora.surgery.registry import adapter_configs, find_lora_root, lora_layers
-from lightning_lora.surgery.report import SurgeryReport
+from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, add_adapter, planned_layers, set_trainable
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_parameters, find_lora_root, lora_layers
+from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.report import SurgeryReport, count_parameters
+from lightning_lora.surgery.lora.targets import candidate_modules, match_pattern, matches_name
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +44,18 @@ def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[st
     Includes ``modules_to_save`` weights and the biases chosen by the config's ``bias``.
     """
     _, root = find_lora_root(model)
-    config = _config_of(root, name)
-    tensors: dict[str, Tensor] = {}
-    for path, layer in lora_layers(root):
-        if name in layer.specs:
-            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name]
-            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name]
-            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-                tensors[f"{PEFT_PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
-    if config.bias == "all":
-        for pname, param in root.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname:
-                tensors[f"{PEFT_PREFIX}{pname}"] = param
-    for path in modules_to_save_paths(root, config):
-        for pname, param in root.get_submodule(path).named_parameters():
-            tensors[f"{PEFT_PREFIX}{path}.{pname}"] = param
+    _config_of(root, name)
+    tensors = {_peft_key(path, name): param for path, param in adapter_parameters(root, name).items()}
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def _peft_key(path: str, name: str) -> str:
+    # Our factor paths end in `.lora_A.<adapter>`; PEFT's files drop the adapter name: `.lora_A.weight`.
+    for factor in ("lora_A", "lora_B"):
+        suffix = f".{factor}.{name}"
+        if path.endswith(suffix):
+            return f"{PEFT_PREFIX}{path[: -len(suffix)]}.{factor}.weight"
+    return f"{PEFT_PREFIX}{path}"
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER,
@@ -94,7 +91,7 @@ def _config_of(root: nn.Module, name: str) -> LoRAConfig:
     configs = adapter_configs(root)
     if name not in configs:
         known = sorted(configs) or "none"
-        raise SurgeryError(f"No adapter named {name!r} on this model (adapters: {known}).")
+        raise UnknownAdapterError(f"No adapter named {name!r} on this model (adapters: {known}).")
     return configs[name]
 
 
@@ -139,31 +136,54 @@ def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
         AdapterLoadError: If the file's keys or shapes do not fit the model (the message lists them).
         SurgeryError: If an adapter called ``name`` exists and ``replace`` is False.
     """
-    config, tensors = read_adapter(path)
-    tensors = _without_peft_wrapper_keys(tensors)
     _, root = find_lora_root(model)
     if name in adapter_configs(root) and not replace:
         raise SurgeryError(f"An adapter named {name!r} is already loaded; pass replace=True or another name=.")
-    config = _matching_config(root, config, tensors, path)
-    expected = _expected_shapes(root, config, "\0probe")  # a name no layer has: checks shapes, not duplicates
-    _check_tensors(expected, tensors, path)
-    _check_other_tensors(root, tensors, path)
+    config, tensors = check_adapter_fits(root, path)
     if name in adapter_configs(root):
         _delete_adapter(root, name)
-    report = apply_lora(root, config, name=name)
+    report = add_adapter(root, config, name)
     _copy_tensors(root, tensors, name)
-    set_trainable(root, name)
-    if not trainable:
+    for _, layer in lora_layers(root):
+        if name in layer.specs:
+            layer.active_adapters.append(name)
+    if trainable:
+        set_trainable(root, name)
+    else:
         for param in root.parameters():
             param.requires_grad_(False)
+    report.trainable_params, report.total_params = count_parameters(root)
     return report
+
+
+def check_adapter_fits(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """Read the adapter in ``path`` and check that it fits ``model`` (keys, shapes), without changing anything.
+
+    The one check that :func:`load_adapter` and :func:`~lightning_lora.load_adapters` run before any change.
+
+    Args:
+        model: The base model (or a module holding it).
+        path: An adapter directory in PEFT's format.
+
+    Returns:
+        The config (targets narrowed to the ones this model has) and the tensors, ready to load.
+
+    Raises:
+        FileNotFoundError: If files are missing.
+        AdapterLoadError: If the files cannot be read or do not fit the model (every problem is listed).
+    """
+    config, tensors = read_adapter(path)
+    tensors = _without_peft_wrapper_keys(tensors)
+    _, root = find_lora_root(model)
+    config = _matching_config(root, config, tensors, path)
+    _check_tensors(_expected_shapes(root, config), tensors, path)
+    _check_other_tensors(root, tensors, path)
+    return config, tensors
 
 
 def _matching_config(root: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], path: str | Path) -> LoRAConfig:
     # PEFT accepts target lists where only some names exist in the model; keep the patterns that match here so
     # that a config written for a family of models loads, then let the key check below decide.
-    from lightning_lora.surgery.targets import candidate_modules, match_pattern, matches_name
-
     modules = candidate_modules(root)
     kept = [t for t in config.targets if match_pattern(t, root, modules)]
     if not kept:
@@ -189,10 +209,10 @@ def _without_peft_wrapper_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return plain
 
 
-def _expected_shapes(root: nn.Module, config: LoRAConfig, name: str) -> dict[str, tuple[int, ...]]:
-    plan = plan_lora(root, config, name=name)
+def _expected_shapes(root: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    layers, _ = planned_layers(root, config)
     expected: dict[str, tuple[int, ...]] = {}
-    for layer in plan.layers:
+    for layer in layers:
         expected[f"{PEFT_PREFIX}{layer.name}.lora_A.weight"] = (layer.r, layer.in_features)
         expected[f"{PEFT_PREFIX}{layer.name}.lora_B.weight"] = (layer.out_features, layer.r)
     return expected

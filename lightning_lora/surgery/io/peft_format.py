@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.surgery.config import LoRAConfig
+from lightning_lora.surgery.lora.config import LoRAConfig
 from lightning_lora.surgery.errors import AdapterLoadError
-from lightning_lora.surgery.targets import block_index, candidate_modules
+from lightning_lora.surgery.lora.targets import block_index, candidate_modules
 
 PEFT_PREFIX = "base_model.model."
 _PEFT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # PEFT's default layer-index rule

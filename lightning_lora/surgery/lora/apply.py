@@ -1,4 +1,7 @@
-"""Apply, merge, unmerge and unload LoRA: every function validates everything first, then mutates.
+"""Add, apply and unload LoRA adapters: every function validates everything first, then mutates.
+
+``add_adapter`` is the primitive (wrap and record, nothing else); ``apply_lora`` is ``add_adapter`` + activate +
+``set_trainable``. Merging lives in :mod:`lightning_lora.surgery.lora.merge`.
 
 Example:
     >>> from torch import nn
@@ -13,18 +16,30 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_lora.surgery.codecs import codec_for
-from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.errors import SurgeryError
-from lightning_lora.surgery.layers import AdapterSpec, LoRALayer
-from lightning_lora.surgery.merge_bases import MergeBase, merge_onto_base_, needs_merge_base
-from lightning_lora.surgery.registry import adapter_configs, find_lora_root, lora_layers, record_config
-from lightning_lora.surgery.report import LoRAPlan, PlannedLayer, SurgeryReport, count_parameters
-from lightning_lora.surgery.targets import block_index, candidate_modules, matches_name, select
+from lightning_lora.surgery.errors import LoRAConfigError, SurgeryError
+from lightning_lora.surgery.lora.active import check_adapter_names
+from lightning_lora.surgery.lora.codecs import codec_for
+from lightning_lora.surgery.lora.config import LoRAConfig, pattern_key_matches
+from lightning_lora.surgery.lora.inventory import (
+    adapter_configs,
+    adapter_parameters,
+    find_lora_root,
+    lora_layers,
+    record_config,
+)
+from lightning_lora.surgery.lora.layer import AdapterSpec, LoRALayer
+from lightning_lora.surgery.lora.report import LoRAPlan, PlannedLayer, SurgeryReport, count_parameters
+from lightning_lora.surgery.lora.targets import (
+    block_index,
+    candidate_modules,
+    closest_names,
+    matches_name,
+    select,
+    unmatched_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +65,61 @@ def plan_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAPT
             the adapter containers.
     """
     _check_new_name(name)
+    layers, skipped = planned_layers(model, config)
+    modules = candidate_modules(model)
+    for layer in layers:
+        module = modules[layer.name]
+        if isinstance(module, LoRALayer) and name in module.specs:
+            raise SurgeryError(
+                f"{layer.name!r} already has a LoRA adapter named {name!r}. Applying LoRA twice is refused: pass another "
+                f"`name=` to add a second adapter, or call unload_lora(model) first to start again."
+            )
+        if isinstance(module, LoRALayer) and module.merged_adapters:
+            raise SurgeryError(
+                f"{layer.name!r} has adapters {module.merged_adapters} merged into its weight; a new adapter cannot be "
+                f"added to a merged layer. Call unmerge_lora(model) first (or merge_lora(model) to get a plain model)."
+            )
+    return LoRAPlan(adapter=name, layers=layers, skipped=skipped)
+
+
+def planned_layers(model: nn.Module, config: LoRAConfig) -> tuple[list[PlannedLayer], list[tuple[str, str]]]:
+    """The layers ``config`` selects, with shapes and per-layer rank / alpha, and the matches skipped (with why).
+
+    Unlike :func:`plan_lora` this checks no adapter name, so it also tells what an adapter file must hold.
+
+    Raises:
+        TargetMatchError: If a pattern matches nothing.
+        LoRAConfigError: If ``layers`` does not fit the model, or a ``rank_pattern`` / ``alpha_pattern`` key
+            matches none of the selected layers (a typo would otherwise be ignored silently).
+    """
     selected, skipped = select(model, config)
+    _check_pattern_keys(config, selected)
     modules = candidate_modules(model)
     layers = []
     for path in selected:
         module = modules[path]
         if isinstance(module, LoRALayer):
-            if name in module.specs:
-                raise SurgeryError(
-                    f"{path!r} already has a LoRA adapter named {name!r}. Applying LoRA twice is refused: pass another "
-                    f"`name=` to add a second adapter, or call unload_lora(model) first to start again."
-                )
             kind, (fan_in, fan_out) = module.codec.name, (module.in_features, module.out_features)
         else:
             codec = codec_for(module)
             kind, (fan_in, fan_out) = codec.name, codec.features(module)
         layers.append(PlannedLayer(path, kind, fan_in, fan_out, block_index(path), config.rank_for(path),
                                    config.alpha_for(path), config.scale_for(path)))
-    return LoRAPlan(adapter=name, layers=layers, skipped=skipped)
+    return layers, skipped
+
+
+def _check_pattern_keys(config: LoRAConfig, selected: list[str]) -> None:
+    problems = []
+    for field_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in patterns:
+            if not any(pattern_key_matches(key, path) for path in selected):
+                close = closest_names(key, selected)
+                problems.append(f"{field_name} key {key!r} matches none of the {len(selected)} selected layers"
+                                + (f"; closest: {close}" if close else "") + ".")
+    if problems:
+        raise LoRAConfigError("Invalid LoRAConfig for this model:\n  - " + "\n  - ".join(problems)
+                              + "\n  Keys are regexes matched against the end of a module path at a dot, e.g. "
+                              "'q_proj' or 'layers\\.0\\.self_attn\\.q_proj'.")
 
 
 def _check_new_name(name: str) -> None:
@@ -79,12 +131,12 @@ def _check_new_name(name: str) -> None:
                            "attribute of nn.ParameterDict / nn.ModuleDict (such as 'copy', 'keys', 'to'), e.g. 'legal'.")
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAPTER) -> SurgeryReport:
-    """Wrap the selected layers with LoRA adapter ``name`` and freeze everything else, in place.
+def add_adapter(model: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER) -> SurgeryReport:
+    """Wrap the selected layers and add adapter ``name`` to them, in place; nothing else changes.
 
-    A fresh adapter changes no output (B starts at zero). Trainable afterwards: the new adapter's A and B, the
-    modules in ``config.modules_to_save`` and the biases chosen by ``config.bias``. Adding a second adapter under
-    another name is allowed; the earlier adapters are frozen.
+    The primitive under :func:`apply_lora`: the new adapter is *not* active and its factors are frozen
+    (``requires_grad=False``); no other parameter's trainability and no other adapter's activation is touched.
+    Compose with :func:`~lightning_lora.set_active_adapters` and :func:`set_trainable`.
 
     Args:
         model: The model to change, in place.
@@ -92,7 +144,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAP
         name: The adapter's name. Default: ``"default"``.
 
     Returns:
-        A :class:`SurgeryReport` with the wrapped layers and trainable / total parameter counts.
+        A :class:`SurgeryReport` (trainable counts as the model stands afterwards).
 
     Raises:
         TargetMatchError, LoRAConfigError, SurgeryError: On bad input; the model is then left unchanged.
@@ -108,14 +160,43 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAP
             replaced.append(layer.name)
         else:
             extended.append(layer.name)
-        module.add_adapter(name, AdapterSpec(layer.r, layer.alpha, config.dropout, config.use_rslora, config.init))
+        spec = AdapterSpec(layer.r, layer.alpha, config.dropout, config.use_rslora, config.init)
+        module.add_adapter(name, spec, active=False)
+        module.lora_A[name].requires_grad_(False)
+        module.lora_B[name].requires_grad_(False)
         # New modules start in training mode: follow the wrapped layer, so that adapter dropout stays off in a model
         # that is in eval mode (e.g. load_adapter for inference). PEFT's get_peft_model leaves them in training mode.
         module.train(module.base_layer.training)
     record_config(model, name, config)
-    set_trainable(model, name)
     trainable, total = count_parameters(model)
-    report = SurgeryReport(name, replaced, extended, plan.skipped, trainable, total, plan.adapter_params)
+    return SurgeryReport(name, replaced, extended, plan.skipped, trainable, total, plan.adapter_params)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, *, name: str = DEFAULT_ADAPTER) -> SurgeryReport:
+    """Wrap the selected layers with LoRA adapter ``name`` and freeze everything else, in place.
+
+    ``add_adapter`` + activate + ``set_trainable``. A fresh adapter changes no output (B starts at zero).
+    Trainable afterwards: the new adapter's A and B, the modules in ``config.modules_to_save`` and the biases chosen
+    by ``config.bias``. Adding a second adapter under another name is allowed: it becomes active beside the earlier
+    ones (their updates add up; :func:`~lightning_lora.set_active_adapters` chooses), and the earlier ones are frozen.
+
+    Args:
+        model: The model to change, in place.
+        config: What to adapt and how.
+        name: The adapter's name. Default: ``"default"``.
+
+    Returns:
+        A :class:`SurgeryReport` with the wrapped layers and trainable / total parameter counts.
+
+    Raises:
+        TargetMatchError, LoRAConfigError, SurgeryError: On bad input; the model is then left unchanged.
+    """
+    report = add_adapter(model, config, name)
+    for _, layer in lora_layers(model):
+        if name in layer.specs and name not in layer.active_adapters:
+            layer.active_adapters.append(name)
+    set_trainable(model, name)
+    report.trainable_params, report.total_params = count_parameters(model)
     log.info("%s", report)
     return report
 
@@ -147,8 +228,6 @@ def _no_op_hook(module: nn.Module, args: tuple) -> None:
 
 
 def _check_modules_to_save(model: nn.Module, config: LoRAConfig) -> None:
-    from lightning_lora.surgery.targets import unmatched_error
-
     modules = candidate_modules(model)
     missing = [p for p in config.modules_to_save if not any(matches_name(p, n) for n in modules if n)]
     if missing:
@@ -156,112 +235,16 @@ def _check_modules_to_save(model: nn.Module, config: LoRAConfig) -> None:
 
 
 def set_trainable(model: nn.Module, name: str = DEFAULT_ADAPTER) -> None:
-    """Freeze everything, then unfreeze adapter ``name``, its ``modules_to_save`` and the biases its config chose.
+    """Freeze everything, then unfreeze adapter ``name``: its factors, ``modules_to_save`` and the biases it trains.
 
     Raises:
-        SurgeryError: If no LoRA layer has an adapter called ``name`` (nothing is frozen then).
+        UnknownAdapterError: If the model has no adapter called ``name`` (nothing is frozen then).
     """
-    config = adapter_configs(model).get(name)
-    _check_adapter_names(lora_layers(model), [name], "set_trainable")
+    check_adapter_names(model, [name], "set_trainable")
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        if name in layer.specs:
-            layer.lora_A[name].requires_grad_(True)
-            layer.lora_B[name].requires_grad_(True)
-            if config is not None and config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-                layer.base_layer.bias.requires_grad_(True)
-    if config is None:
-        return
-    root_prefix, root = find_lora_root(model)
-    if config.bias == "all":
-        for pname, param in root.named_parameters():
-            if pname.endswith("bias") and not _is_adapter_param(pname):
-                param.requires_grad_(True)
-    for path in modules_to_save_paths(root, config):
-        for param in root.get_submodule(path).parameters():
-            param.requires_grad_(True)
-
-
-def _is_adapter_param(pname: str) -> bool:
-    return ".lora_A." in pname or ".lora_B." in pname
-
-
-def modules_to_save_paths(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Paths of the modules that ``config.modules_to_save`` selects (outermost matches only)."""
-    paths: list[str] = []
-    for path in candidate_modules(model):
-        if path and any(matches_name(p, path) for p in config.modules_to_save):
-            if not any(path.startswith(f"{kept}.") for kept in paths):
-                paths.append(path)
-    return paths
-
-
-def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: bool = True, safe: bool = True,
-               merge_base: MergeBase = "dequantized", original: nn.Module | Mapping[str, Tensor] | None = None) -> nn.Module:
-    """Merge adapters into the base weights, in place: ``W <- W + scale * B A`` (computed in fp32, cast once).
-
-    On a 4-bit base (QLoRA) the weights the update is added to are chosen by ``merge_base``; on a dense model it has
-    no effect. :func:`~lightning_lora.surgery.merge_bases.compare_merge_bases` measures what each choice costs.
-
-    Args:
-        model: A model with LoRA layers.
-        adapters: Which adapters to merge. Default: the active ones in each layer.
-        unload: Replace every wrapper by its (merged) base layer, giving a plain model, as PEFT's
-            ``merge_and_unload``. With False the wrappers stay, keep a copy of the original weight, and
-            :func:`unmerge_lora` restores it bit for bit. Default: True.
-        safe: Check that every merged weight is finite before changing any layer. Default: True.
-        merge_base: For 4-bit layers: ``"dequantized"`` (``dequant(W4) + s B A`` in a dense layer: reproduces the
-            trained QLoRA model), ``"original"`` (``W_orig + s B A`` from ``original``), or ``"requantize"``
-            (``quant(dequant(W4) + s B A)``: stays 4-bit, the update is rounded). With the first two every 4-bit
-            layer becomes a plain ``nn.Linear`` in the dtype it had before quantization. Default: ``"dequantized"``.
-        original: The high-precision weights for ``merge_base="original"``: the unquantized model or its state
-            dict (keys ``<path>.weight``, matched by path suffix). Default: None.
-
-    Returns:
-        The model (the same object, changed in place; a plain model when ``unload``).
-
-    Raises:
-        MergeError: If a merge would produce inf or NaN (naming the layer), or ``merge_base`` / ``original`` do not
-            fit the model; nothing is changed then.
-        SurgeryError: If the model has no LoRA layer, or ``adapters`` names an adapter it does not have.
-    """
-    layers = _require_layers(model, "merge_lora")
-    _check_adapter_names(layers, adapters, "merge_lora")
-    if needs_merge_base(model, merge_base, original):
-        todo = [(path, layer, _to_merge(layer, adapters)) for path, layer in layers]
-        merge_onto_base_(model, todo, merge_base=merge_base, original=original, unload=unload, safe=safe)
-        if unload:
-            _replace_wrappers(model, layers)
-        return model
-    if safe:
-        for path, layer in layers:
-            layer.check_merge(_to_merge(layer, adapters), path)
-    for _, layer in layers:
-        layer.merge(_to_merge(layer, adapters), keep_original=not unload)
-    if unload:
-        _replace_wrappers(model, layers)
-    return model
-
-
-def _check_adapter_names(layers: list[tuple[str, LoRALayer]], adapters: list[str] | None, what: str) -> None:
-    # Without this check a typo would merge nothing and, with unload=True, silently drop every adapter.
-    known = sorted({n for _, layer in layers for n in layer.specs})
-    unknown = [a for a in (adapters or []) if a not in known]
-    if unknown:
-        raise SurgeryError(f"{what}: no adapter named {', '.join(map(repr, unknown))} on this model (adapters: {known}).")
-
-
-def _to_merge(layer: LoRALayer, adapters: list[str] | None) -> list[str]:
-    names = layer.active_adapters if adapters is None else [a for a in adapters if a in layer.specs]
-    return [n for n in names if n not in layer.merged_adapters]
-
-
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_lora(model, unload=False) <merge_lora>`, in place; unmerged layers are left as they are."""
-    for _, layer in _require_layers(model, "unmerge_lora"):
-        layer.unmerge()
-    return model
+    for param in adapter_parameters(model, name).values():
+        param.requires_grad_(True)
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
@@ -270,21 +253,23 @@ def unload_lora(model: nn.Module) -> nn.Module:
     Merged adapters are unmerged first, so the result always has the original base weights. Parameters keep the
     ``requires_grad`` they had (the base stays frozen); the recorded adapter configs are dropped.
     """
-    layers = _require_layers(model, "unload_lora")
+    layers = require_lora_layers(model, "unload_lora")
     for _, layer in layers:
         layer.unmerge()
-    _replace_wrappers(model, layers)
+    unwrap_layers(model, layers)
     return model
 
 
-def _require_layers(model: nn.Module, what: str) -> list[tuple[str, LoRALayer]]:
+def require_lora_layers(model: nn.Module, what: str) -> list[tuple[str, LoRALayer]]:
+    """The model's LoRA layers, or a :class:`SurgeryError` saying ``what`` needs some."""
     layers = lora_layers(model)
     if not layers:
         raise SurgeryError(f"{what}: the model has no LoRA layers; apply_lora(model, config) or load_adapter(...) first.")
     return layers
 
 
-def _replace_wrappers(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
+def unwrap_layers(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
+    """Put each wrapper's base layer back in its place and forget the recorded configs, in place."""
     for path, layer in layers:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

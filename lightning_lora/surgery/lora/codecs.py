@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.surgery import bnb4bit
 
 
 @dataclass(frozen=True)
@@ -74,19 +73,9 @@ CONV1D = Codec(
     set_weight=lambda m, w: _copy_into(m.weight, w.T),
 )
 
-# bitsandbytes 4-bit: dense weight out = dequantize, dense weight in = re-quantize with the layer's own settings.
-# `matches` only looks at sys.modules, so nothing here imports bitsandbytes (see surgery/bnb4bit.py).
-LINEAR4BIT = Codec(
-    name="Linear4bit",
-    matches=bnb4bit.is_linear4bit,
-    features=lambda m: (m.in_features, m.out_features),
-    get_weight=bnb4bit.dequantize,
-    set_weight=bnb4bit.requantize_,
-    quantized=True,
-)
-
-# Ordered: more specific types first (bitsandbytes' Linear4bit subclasses nn.Linear, so its entry goes in front).
-_REGISTRY: list[Codec] = [LINEAR4BIT, CONV1D, LINEAR]
+# Ordered: more specific types first. Quantized backends register themselves in front (surgery/quant/ adds
+# bitsandbytes' Linear4bit, a subclass of nn.Linear), so this core never imports them.
+_REGISTRY: list[Codec] = [CONV1D, LINEAR]
 
 
 def register_codec(codec: Codec, *, first: bool = True) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from lightning_lora.surgery.errors import LoRAConfigError
+from lightning_lora.surgery.errors import ConfigError, LoRAConfigError
 
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian"]
@@ -16,9 +16,15 @@ Init = Literal["kaiming", "gaussian"]
 class ConfigDict:
     """Plain-dict round trip shared by the config dataclasses (checkpoints, logs, PEFT files)."""
 
+    error_type: ClassVar[type[ConfigError]] = ConfigError
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (safe in a ``weights_only`` checkpoint and in hyperparameter logs)."""
         return asdict(self)
+
+    def replace(self, **changes: Any) -> Any:
+        """A validated copy with some fields changed (configs are frozen)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
@@ -26,11 +32,11 @@ class ConfigDict:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise LoRAConfigError(f"Unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}.")
+            raise cls.error_type(f"Unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**data)
 
 
-@dataclass
+@dataclass(frozen=True, eq=True)
 class LoRAConfig(ConfigDict):
     """What to adapt and how: ``y = W x + (alpha / r) * B A dropout(x)``, with A random and B zero at the start.
 
@@ -73,20 +79,27 @@ class LoRAConfig(ConfigDict):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
+    error_type: ClassVar[type[ConfigError]] = LoRAConfigError
+
     def __post_init__(self) -> None:
-        self.targets = _as_pattern_list(self.targets)
-        self.exclude = _as_pattern_list(self.exclude) if self.exclude is not None else []
-        self.modules_to_save = list(self.modules_to_save or [])
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        # Frozen: a config is a value, so a change after apply_lora cannot bypass this validation (issue 8).
+        normalise = object.__setattr__
+        normalise(self, "targets", _as_pattern_list(self.targets))
+        normalise(self, "exclude", _as_pattern_list(self.exclude) if self.exclude is not None else [])
+        normalise(self, "modules_to_save", list(self.modules_to_save or []))
+        normalise(self, "rank_pattern", dict(self.rank_pattern or {}))
+        normalise(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         if isinstance(self.layers, tuple):
-            self.layers = list(self.layers)
+            normalise(self, "layers", list(self.layers))
         if isinstance(self.layers, str):
             # Shells and YAML need quotes around slices such as '-8:'; accept them quoted.
-            self.layers = self.layers.strip().strip("'\"").strip()
+            normalise(self, "layers", self.layers.strip().strip("'\"").strip())
         problems = _problems(self)
         if problems:
             raise LoRAConfigError("Invalid LoRAConfig:\n  - " + "\n  - ".join(problems))
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
 
     def rank_for(self, module_name: str) -> int:
         """The rank for a module path, after ``rank_pattern`` overrides."""
@@ -111,10 +124,15 @@ def _as_pattern_list(value: list[str] | str | tuple[str, ...]) -> list[str]:
     return list(value)
 
 
+def pattern_key_matches(key: str, module_name: str) -> bool:
+    """Whether a ``rank_pattern`` / ``alpha_pattern`` key selects a module path (PEFT's ``get_pattern_key``
+    semantics: the regex must match a suffix of the path at a dot boundary)."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    # Same semantics as PEFT's get_pattern_key: the pattern must match a suffix of the path at a dot boundary.
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if pattern_key_matches(key, module_name):
             return key
     return None
 

@@ -1,11 +1,19 @@
-"""Where adapters live on a model: the LoRA layers, and the configs recorded by ``apply_lora``."""
+"""Where adapters live on a model: the LoRA layers, the configs recorded for them, and the tensors of each adapter.
+
+Everything here only reads the model (except :func:`record_config`). "Which tensors belong to adapter X" is
+answered in one place, :func:`adapter_parameters`, found structurally (the factors of every :class:`LoRALayer`, the
+modules its config saves, the biases it trains), never by name substrings.
+"""
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
-from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.layers import LoRALayer
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.targets import candidate_modules, matches_name
 
 _CONFIGS_ATTR = "_lora_configs"
 
@@ -16,9 +24,12 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 
 
 def record_config(model: nn.Module, name: str, config: LoRAConfig) -> None:
-    """Remember adapter ``name``'s config on the module that ``apply_lora`` was called on (the surgery root)."""
+    """Remember adapter ``name``'s config on the module that the surgery was called on (the surgery root).
+
+    A copy is kept: configs are frozen, and the copy also protects the lists inside from a later change.
+    """
     configs = model.__dict__.setdefault(_CONFIGS_ATTR, {})
-    configs[name] = config
+    configs[name] = copy.deepcopy(config)
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig]:
@@ -36,3 +47,59 @@ def find_lora_root(model: nn.Module) -> tuple[str, nn.Module]:
         if module.__dict__.get(_CONFIGS_ATTR):
             return path, module
     return "", model
+
+
+def modules_to_save_paths(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Paths of the modules that ``config.modules_to_save`` selects (outermost matches only)."""
+    paths: list[str] = []
+    for path in candidate_modules(model):
+        if path and any(matches_name(p, path) for p in config.modules_to_save):
+            if not any(path.startswith(f"{kept}.") for kept in paths):
+                paths.append(path)
+    return paths
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None, *, factors_only: bool = False) -> dict[str, nn.Parameter]:
+    """The parameters of adapter ``name`` (of every adapter when None), keyed by their path in ``model``.
+
+    Args:
+        model: The adapted model, or any module holding it (keys are then relative to this module).
+        name: The adapter. Default: every adapter.
+        factors_only: Only the LoRA factors ``lora_A`` / ``lora_B``; otherwise also the ``modules_to_save`` and
+            the biases the adapter's config trains. Default: False.
+
+    Returns:
+        Path -> parameter, in model order (keys as ``model.named_parameters()`` writes them).
+    """
+    found: dict[str, nn.Parameter] = {}
+    for path, layer in lora_layers(model):
+        for adapter in layer.specs:
+            if name is None or adapter == name:
+                found[f"{path}.lora_A.{adapter}"] = layer.lora_A[adapter]
+                found[f"{path}.lora_B.{adapter}"] = layer.lora_B[adapter]
+    if not factors_only:
+        found.update(_saved_and_bias_parameters(model, name))
+    return found
+
+
+def _saved_and_bias_parameters(model: nn.Module, name: str | None) -> dict[str, nn.Parameter]:
+    root_path, root = find_lora_root(model)
+    head = f"{root_path}." if root_path else ""
+    configs = adapter_configs(root)
+    found: dict[str, nn.Parameter] = {}
+    for adapter, config in configs.items():
+        if name is not None and adapter != name:
+            continue
+        if config.bias == "all":
+            found.update({f"{head}{p}": param for p, param in _biases(root)})
+        elif config.bias == "lora_only":
+            found.update({f"{head}{path}.base_layer.bias": layer.bias for path, layer in lora_layers(root)
+                          if adapter in layer.specs and layer.bias is not None})
+        for path in modules_to_save_paths(root, config):
+            found.update({f"{head}{path}.{p}": param for p, param in root.get_submodule(path).named_parameters()})
+    return found
+
+
+def _biases(root: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    factors = {id(p) for p in adapter_parameters(root, factors_only=True).values()}
+    return [(p, param) for p, param in root.named_parameters() if p.endswith("bias") and id(param) not in factors]

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks
 
-from lightning_lora.surgery.codecs import Codec, codec_for
+from lightning_lora.surgery._compat import global_forward_hooks
+from lightning_lora.surgery.lora.codecs import Codec, codec_for
 from lightning_lora.surgery.errors import MergeError, SurgeryError
 
 
@@ -57,6 +57,20 @@ class LoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._unmerged_weight: Tensor | None = None
+        # Values derived from the adapters (e.g. mixed_batch's stacked factors), dropped whenever adapters change.
+        self.derived: dict[str, object] = {}
+
+    # A wrapper is a drop-in for the layer it wraps: code outside reads `.weight` / `.bias` of the layer it adapted
+    # (T5's feed-forward reads `self.wo.weight.dtype`), as it can with PEFT's wrappers.
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (not including any adapter)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias, or None."""
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def codec(self) -> Codec:
@@ -65,8 +79,14 @@ class LoRALayer(nn.Module):
         return codec_for(self.base_layer) or self._codec
 
     # ----------------------------------------------------------------------------------------------- adapters
-    def add_adapter(self, name: str, spec: AdapterSpec) -> None:
-        """Create adapter ``name``: A initialised randomly, B at zero, so the layer's output is unchanged."""
+    def add_adapter(self, name: str, spec: AdapterSpec, *, active: bool = True) -> None:
+        """Create adapter ``name``: A initialised randomly, B at zero, so the layer's output is unchanged.
+
+        Args:
+            name: The adapter's name.
+            spec: Its rank, alpha, dropout and initialisation.
+            active: Add it to the adapters a forward applies. Default: True.
+        """
         if name in self.specs:
             raise SurgeryError(f"This layer already has an adapter named {name!r}.")
         if self.merged_adapters:
@@ -81,7 +101,9 @@ class LoRALayer(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, spec.r, dtype=dtype, device=device))  # (out, r)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
-        self.active_adapters.append(name)
+        if active:
+            self.active_adapters.append(name)
+        self.derived.clear()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (it must not be merged)."""
@@ -92,6 +114,7 @@ class LoRALayer(nn.Module):
         del self.specs[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
+        self.derived.clear()
 
     def _adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         weight = getattr(self.base_layer, "weight", None)
@@ -116,10 +139,11 @@ class LoRALayer(nn.Module):
             return self.row_update(self, result, x)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = self._add_update(result, x, name)
+                result = self.add_update(result, x, name)
         return result
 
-    def _add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+    def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result + scale * B A dropout(x)`` for adapter ``name`` (in place into ``result`` when no graph is kept)."""
         a, b = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
         x = self.lora_dropout[name](x.to(a.dtype))  # Identity when dropout is 0: no copy
         xa = F.linear(x, a)  # (..., in) @ (in, r) -> (..., r)
@@ -130,14 +154,15 @@ class LoRALayer(nn.Module):
         # One fused kernel for `result + scale * xa @ B^T`, no separate scaled or summed temporaries; when no graph
         # is recorded it writes into the base layer's fresh output instead of allocating another (N, out) tensor.
         graph = torch.is_grad_enabled() and (result.requires_grad or xa.requires_grad or b.requires_grad)
-        if not graph and self._may_write_base_output():
+        if not graph and self.may_write_base_output():
             return flat.addmm_(xa2, b.t(), alpha=scale).view(result.shape)  # (..., out)
         return torch.addmm(flat, xa2, b.t(), alpha=scale).view(result.shape)  # (..., out)
 
-    def _may_write_base_output(self) -> bool:
+    def may_write_base_output(self) -> bool:
+        """Whether the base layer's output may be changed in place (no forward hook can have kept it)."""
         # Adding in place into the base layer's output saves an (N, out) allocation per layer at inference, but a
         # forward hook on the base layer may have kept that tensor: then it must stay as the base layer returned it.
-        return not self.base_layer._forward_hooks and not _global_forward_hooks
+        return not self.base_layer._forward_hooks and not global_forward_hooks()
 
     # ----------------------------------------------------------------------------------------------- merging
     def delta_weight(self, name: str) -> Tensor:

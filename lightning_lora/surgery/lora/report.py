@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from lightning_lora.surgery.bnb4bit import logical_numel
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,19 @@ class SurgeryReport:
             f"{len(self.skipped)} matches skipped; trainable params {self.trainable_params:,} of "
             f"{self.total_params:,} ({self.trainable_percent:.4f}%)"
         )
+
+
+def logical_numel(param: Tensor) -> int:
+    """How many weights a (possibly packed 4-bit) parameter stands for: the dense shape's size when known.
+
+    Duck-typed on what quantized tensors carry (bitsandbytes' ``quant_state``), so the core needs no backend import.
+    """
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    if type(param).__name__ == "Params4bit" and not param.dtype.is_floating_point:
+        return param.numel() * param.element_size() * 2  # two 4-bit values a byte
+    return param.numel()
 
 
 def parameter_count(param: nn.Parameter) -> int:

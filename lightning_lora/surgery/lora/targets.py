@@ -8,8 +8,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from lightning_lora.surgery.codecs import codec_for, supported_names
-from lightning_lora.surgery.config import LoRAConfig, parse_layer_slice
+from lightning_lora.surgery.lora.codecs import codec_for, supported_names
+from lightning_lora.surgery.lora.config import LoRAConfig, parse_layer_slice
 from lightning_lora.surgery.errors import LoRAConfigError, TargetMatchError
 
 PRESETS = ("all-linear", "attention", "mlp")
@@ -66,7 +66,7 @@ def resolve_layers(layers: list[int] | str | None, n_blocks: int) -> set[int] | 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module by path, without the insides of LoRA wrappers (their base layers and factors)."""
-    from lightning_lora.surgery.layers import LoRALayer
+    from lightning_lora.surgery.lora.layer import LoRALayer
 
     found: dict[str, nn.Module] = {}
     wrapped_prefixes: list[str] = []
@@ -136,7 +136,7 @@ def match_pattern(pattern: str, model: nn.Module, modules: dict[str, nn.Module])
 
 
 def _adaptable(module: nn.Module) -> bool:
-    from lightning_lora.surgery.layers import LoRALayer
+    from lightning_lora.surgery.lora.layer import LoRALayer
 
     return isinstance(module, LoRALayer) or codec_for(module) is not None
 

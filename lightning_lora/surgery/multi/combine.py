@@ -37,13 +37,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.surgery.apply import apply_lora
-from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.errors import SurgeryError
-from lightning_lora.surgery.layers import LoRALayer
-from lightning_lora.surgery.multi import check_adapter_names, list_adapters
-from lightning_lora.surgery.registry import adapter_configs, find_lora_root, lora_layers
-from lightning_lora.surgery.report import SurgeryReport, count_parameters
+from lightning_lora.surgery.lora.apply import add_adapter
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.errors import CombineError, SurgeryError
+from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.active import check_adapter_names, list_adapters
+from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root, lora_layers
+from lightning_lora.surgery.lora.report import SurgeryReport, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ _METHODS = ("linear", "cat", "svd")
 _Factors = tuple[Tensor, Tensor]  # A (r, in), B (out, r), scale 1
 
 
-class CombineError(ValueError):
-    """The adapters cannot be combined by the chosen method (ranks or targets differ, bad weights or rank)."""
 
 
 def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float] | None = None, *, name: str,
@@ -194,21 +192,13 @@ def _new_config(root: nn.Module, inputs: list[str], ranks: dict[str, int]) -> Lo
 
 
 def _add(root: nn.Module, name: str, config: LoRAConfig, factors: dict[str, _Factors]) -> SurgeryReport:
-    grads = [(p, p.requires_grad) for p in root.parameters()]
-    active = [(layer, list(layer.active_adapters)) for _, layer in lora_layers(root)]
-    report = apply_lora(root, config, name=name)
+    report = add_adapter(root, config, name)  # inactive and frozen: nothing else changes
     layers = dict(lora_layers(root))
     with torch.no_grad():
         for path, (a, b) in factors.items():
             layer = layers[path]
             layer.lora_A[name].copy_(a.to(layer.lora_A[name].dtype))
             layer.lora_B[name].copy_(b.to(layer.lora_B[name].dtype))
-            layer.lora_A[name].requires_grad_(False)
-            layer.lora_B[name].requires_grad_(False)
-    for param, flag in grads:
-        param.requires_grad_(flag)
-    for layer, names in active:
-        layer.active_adapters[:] = names
     trainable, total = count_parameters(root)
     log.info("Combined adapters into %r (%d layers)", name, len(factors))
     return SurgeryReport(name, report.replaced, report.extended, report.skipped, trainable, total, report.adapter_params)

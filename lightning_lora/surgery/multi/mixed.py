@@ -35,10 +35,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.surgery.errors import SurgeryError
-from lightning_lora.surgery.layers import LoRALayer
-from lightning_lora.surgery.multi import UnknownAdapterError, list_adapters
-from lightning_lora.surgery.registry import lora_layers
+from lightning_lora.surgery.errors import MixedBatchError, SurgeryError, UnknownAdapterError
+from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.active import list_adapters
+from lightning_lora.surgery.lora.inventory import lora_layers
 
 BASE = "base"
 """The row name meaning "the bare base model, no adapter" (PEFT's ``"__base__"`` is accepted too)."""
@@ -47,8 +47,6 @@ _BASE_NAMES = (BASE, "__base__")
 _STACK_ATTR = "_mixed_batch_stack"
 
 
-class MixedBatchError(ValueError):
-    """The row names of a mixed batch do not fit the model or the batch (unknown adapter, wrong row count)."""
 
 
 @contextlib.contextmanager
@@ -93,7 +91,7 @@ def clear_mixed_batch_cache(model: nn.Module) -> int:
     Returns:
         How many layers held one.
     """
-    return sum(layer.__dict__.pop(_STACK_ATTR, None) is not None for _, layer in lora_layers(model))
+    return sum(layer.derived.pop(_STACK_ATTR, None) is not None for _, layer in lora_layers(model))
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -157,7 +155,7 @@ class _Router:
         if plan is None:
             return result
         if isinstance(plan, str):
-            return layer._add_update(result, x, plan)
+            return layer.add_update(result, x, plan)
         at, bt = plan  # (n, in, r), (n, r, out)
         x3 = x.reshape(rows, -1, layer.in_features).to(at.dtype)  # (n, T, in)
         xa = torch.bmm(x3, at)  # (n, T, in) @ (n, in, r) -> (n, T, r)
@@ -166,7 +164,7 @@ class _Router:
         if result3.dtype != bt.dtype:
             return (result3 + torch.bmm(xa, bt).to(result3.dtype)).view(out_shape)
         graph = result.requires_grad and torch.is_grad_enabled()
-        if graph or not result.is_contiguous() or not layer._may_write_base_output():
+        if graph or not result.is_contiguous() or not layer.may_write_base_output():
             return torch.baddbmm(result3, xa, bt).view(out_shape)  # (n, T, out) + (n, T, r) @ (n, r, out)
         # No graph and no hook that kept the base output: add into it, saving an (n, T, out) copy (as _add_update).
         return result3.baddbmm_(xa, bt).view(out_shape)
@@ -211,7 +209,7 @@ def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor]:
     names = list(layer.specs)
     key = tuple((n, layer.lora_A[n].data_ptr(), layer.lora_A[n]._version, layer.lora_B[n].data_ptr(),
                  layer.lora_B[n]._version, layer.specs[n].scale) for n in names)
-    cached = layer.__dict__.get(_STACK_ATTR)
+    cached = layer.derived.get(_STACK_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2], cached[3]
     first = layer.lora_A[names[0]]
@@ -225,5 +223,5 @@ def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor]:
             at[slot, :, :r] = layer.lora_A[name].detach().t()  # (in, r)
             bt[slot, :r, :] = layer.lora_B[name].detach().t() * layer.specs[name].scale  # (r, out)
     slots = {n: i for i, n in enumerate(names)}
-    layer.__dict__[_STACK_ATTR] = (key, slots, at, bt)
+    layer.derived[_STACK_ATTR] = (key, slots, at, bt)
     return slots, at, bt

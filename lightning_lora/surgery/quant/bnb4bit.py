@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.surgery._compat import bnb_unpack_cpu_weight
 from lightning_lora.surgery._deps import require
+from lightning_lora.surgery.lora.codecs import Codec
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -43,9 +45,7 @@ def _packed(module: nn.Module) -> tuple[Tensor, Any]:
         # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel on the first eval forward
         # (see keep_portable_layout_); dequantize_4bit only reads the portable layout, so undo the repacking. The
         # inverse rewrites the state it is given, hence the copy: the layer itself is left untouched.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        data, state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        data, state = bnb_unpack_cpu_weight()(data, copy.copy(state))
     return data, state
 
 
@@ -123,16 +123,6 @@ def _set_packed(module: nn.Module, data: Tensor, state: Any) -> None:
     module.quant_state = state
 
 
-def logical_numel(param: Tensor) -> int:
-    """How many weights a (possibly packed 4-bit) parameter stands for: the dense shape's size when known."""
-    state = getattr(param, "quant_state", None)
-    if state is not None and getattr(state, "shape", None) is not None:
-        return int(torch.Size(state.shape).numel())
-    if type(param).__name__ == "Params4bit" and not param.dtype.is_floating_point:
-        return param.numel() * param.element_size() * 2  # two 4-bit values a byte
-    return param.numel()
-
-
 def state_tensors(module: nn.Module, *, tables: bool = False) -> list[Tensor]:
     """The tensors a 4-bit layer keeps for its weight.
 
@@ -188,3 +178,16 @@ def to_dense_linear(module: nn.Module, weight: Tensor) -> nn.Linear:
         dense.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
     dense.train(module.training)
     return dense
+
+
+# Dense weight out = dequantize, dense weight in = re-quantize with the layer's own settings. `matches` only looks at
+# sys.modules, so registering this never imports bitsandbytes.
+LINEAR4BIT = Codec(
+    name="Linear4bit",
+    matches=is_linear4bit,
+    features=lambda m: (m.in_features, m.out_features),
+    get_weight=dequantize,
+    set_weight=requantize_,
+    quantized=True,
+)
+

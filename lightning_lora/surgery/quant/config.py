@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from lightning_lora.surgery.config import ConfigDict
-from lightning_lora.surgery.errors import LoRAConfigError
+from lightning_lora.surgery.lora.config import ConfigDict
+from lightning_lora.surgery.errors import ConfigError, QuantConfigError
 
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -18,7 +18,7 @@ QuantStorage = Literal["uint8", "float16", "bfloat16", "float32"]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig(ConfigDict):
     """How to quantize the frozen base model to 4 bits with bitsandbytes, as in QLoRA (Dettmers et al. 2023).
 
@@ -55,12 +55,18 @@ class QuantConfig(ConfigDict):
     targets: list[str] | str = "all-linear"
     exclude: list[str] | str | None = field(default=None)
 
+    error_type: ClassVar[type[ConfigError]] = QuantConfigError
+
     def __post_init__(self) -> None:
-        self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        self.exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude or [])
+        # Frozen, as LoRAConfig: validated once, never changed behind the validation's back.
+        object.__setattr__(self, "targets", [self.targets] if isinstance(self.targets, str) else list(self.targets))
+        object.__setattr__(self, "exclude", [self.exclude] if isinstance(self.exclude, str) else list(self.exclude or []))
         problems = _problems(self)
         if problems:
-            raise LoRAConfigError("Invalid QuantConfig:\n  - " + "\n  - ".join(problems))
+            raise QuantConfigError("Invalid QuantConfig:\n  - " + "\n  - ".join(problems))
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
 
     def compute_dtype_for(self, device: torch.device) -> torch.dtype:
         """The matmul dtype on ``device``, resolving ``"auto"``."""

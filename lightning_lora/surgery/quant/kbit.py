@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.surgery.errors import LoRAConfigError, SurgeryError
+from lightning_lora.surgery.errors import KbitConfigError, SurgeryError
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,12 @@ def prepare_for_kbit_training(model: nn.Module, *, norms_fp32: bool = True, inpu
         A :class:`KbitReport` with each option's changes and memory cost.
 
     Raises:
-        LoRAConfigError: If ``reentrant`` checkpointing is asked for without ``input_grads``.
+        KbitConfigError: If ``reentrant`` checkpointing is asked for without ``input_grads``.
         SurgeryError: If ``input_grads`` finds no input embedding, or ``gradient_checkpointing`` no transformers
             model that supports it. Nothing is changed then.
     """
     if gradient_checkpointing and reentrant and not input_grads:
-        raise LoRAConfigError(
+        raise KbitConfigError(
             "reentrant=True gradient checkpointing needs input_grads=True: with frozen embeddings no checkpointed "
             "input requires grad and the adapters would get no gradient. Pass input_grads=True, or reentrant=False."
         )

@@ -20,20 +20,20 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.surgery import bnb4bit
+from lightning_lora.surgery.quant import bnb4bit
 from lightning_lora.surgery.errors import MergeError
-from lightning_lora.surgery.layers import LoRALayer
-from lightning_lora.surgery.targets import candidate_modules
+from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.merge import merge_lora
+from lightning_lora.surgery.lora.targets import candidate_modules
 
 log = logging.getLogger(__name__)
 
-MergeBase = Literal["dequantized", "original", "requantize"]
 MERGE_BASES: tuple[str, ...] = ("dequantized", "original", "requantize")
 
 Original = nn.Module | Mapping[str, Tensor]
@@ -244,8 +244,6 @@ def compare_merge_bases(model: nn.Module, probe: Tensor | Mapping[str, Any], *, 
     Returns:
         A :class:`MergeComparison`; ``print()`` it for a table of max abs logit difference, KL and weight size.
     """
-    from lightning_lora.surgery.apply import merge_lora  # apply imports this module
-
     was_training = model.training
     model.eval()
     try:

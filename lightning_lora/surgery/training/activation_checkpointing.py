@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lora.surgery.targets import candidate_modules, matches_name, unmatched_error
+from lightning_lora.surgery.lora.targets import candidate_modules, matches_name, unmatched_error
 
 _NUMBERED_BLOCK = re.compile(r"(?:^|.*\.)(?:layers|h|layer|blocks|block)\.\d+$")
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_lora.surgery.apply import modules_to_save_paths
-from lightning_lora.surgery.registry import adapter_configs, find_lora_root, lora_layers
+from lightning_lora.surgery.errors import CheckpointMismatchError
+from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_parameters, find_lora_root, modules_to_save_paths
 
 _GUARDS_ATTR = "_lora_load_guards"
 _HINT = (
@@ -30,18 +30,11 @@ _HINT = (
 )
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model it is loaded into: other base model, LoRA settings or adapter tensors."""
 
 
 def adapter_state_keys(model: nn.Module, adapter_name: str) -> set[str]:
     """State-dict keys of adapter ``adapter_name``'s factors, relative to ``model`` (found structurally)."""
-    keys = set()
-    for path, layer in lora_layers(model):
-        if adapter_name in layer.specs:
-            keys.add(f"{path}.lora_A.{adapter_name}")
-            keys.add(f"{path}.lora_B.{adapter_name}")
-    return keys
+    return set(adapter_parameters(model, adapter_name, factors_only=True))
 
 
 def trainable_state_keys(model: nn.Module) -> set[str]:

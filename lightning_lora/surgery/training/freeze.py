@@ -22,21 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.surgery.config import parse_layer_slice
+from lightning_lora.surgery.lora.config import parse_layer_slice
 from lightning_lora.surgery.errors import LoRAConfigError
-from lightning_lora.surgery.registry import lora_layers
-from lightning_lora.surgery.targets import block_index, candidate_modules, matches_name, num_blocks, resolve_layers, unmatched_error
+from lightning_lora.surgery.lora.inventory import adapter_parameters, lora_layers
+from lightning_lora.surgery.lora.targets import block_index, candidate_modules, matches_name, num_blocks, resolve_layers, unmatched_error
 
 BlockSpec = list[int] | str | None
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
     """``id()`` of every LoRA factor (``lora_A`` / ``lora_B`` of any adapter) in the model."""
-    ids: set[int] = set()
-    for _, layer in lora_layers(model):
-        ids.update(id(p) for p in layer.lora_A.values())
-        ids.update(id(p) for p in layer.lora_B.values())
-    return ids
+    return {id(p) for p in adapter_parameters(model, factors_only=True).values()}
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """How many parameters train, where they sit, and what training them costs in memory (plain values).
 
 Counts are logical parameter counts: a 4-bit packed ``uint8`` element holds two parameters
-(:func:`~lightning_lora.surgery.report.parameter_count`). Byte figures are the real storage: the packed weight is
+(:func:`~lightning_lora.surgery.lora.report.parameter_count`). Byte figures are the real storage: the packed weight is
 counted at its packed size.
 
 Example:
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_lora.surgery.registry import lora_layers
-from lightning_lora.surgery.report import parameter_count
-from lightning_lora.surgery.targets import block_index
+from lightning_lora.surgery.lora.inventory import lora_layers
+from lightning_lora.surgery.lora.report import parameter_count
+from lightning_lora.surgery.lora.targets import block_index
 
 # Optimizer states kept per trainable parameter, by optimizer class name (Adam-like: exp_avg and exp_avg_sq).
 _STATES_PER_PARAM = {"Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adagrad": 1, "Adadelta": 2,
