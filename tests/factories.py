@@ -25,6 +25,8 @@ from transformers import (
     PhiConfig,
     PhiForCausalLM,
     PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 128
@@ -108,12 +110,26 @@ def tiny_phi(num_layers: int = 2, seed: int = 0) -> PhiForCausalLM:
     return _build(PhiForCausalLM, config, seed)
 
 
+def tiny_t5(num_layers: int = 2, seed: int = 0) -> T5ForConditionalGeneration:
+    """A T5 encoder-decoder: ``{encoder,decoder}.block.N.layer.M.SelfAttention.{q,k,v,o}``,
+    ``...DenseReluDense.{wi,wo}``; its feed-forward reads ``wo.weight`` directly (wrappers must pass it through).
+
+    Args:
+        num_layers: Blocks in the encoder and in the decoder. Default: 2.
+        seed: Seed of the random initialisation. Default: 0.
+    """
+    config = T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=num_layers, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return _build(T5ForConditionalGeneration, config, seed)
+
+
 FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
     "llama": tiny_llama,
     "gpt2": tiny_gpt2,
     "bert": tiny_bert,
     "opt": tiny_opt,
     "phi": tiny_phi,
+    "t5": tiny_t5,
 }
 
 
@@ -123,10 +139,17 @@ def input_ids(batch: int = 2, seq: int = 8, vocab: int = VOCAB, seed: int = 0) -
     return torch.randint(3, vocab, (batch, seq), generator=generator)
 
 
+def forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids`` with autograd as it is (encoder-decoders get ``ids`` as decoder input too)."""
+    extra = {"decoder_input_ids": ids} if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else {}
+    return model(input_ids=ids, **extra).logits
+
+
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits for ``ids`` under ``no_grad`` (works for causal LMs and sequence classifiers)."""
+    """The model's logits for ``ids`` under ``no_grad`` (causal LMs, sequence classifiers, and encoder-decoders,
+    which get ``ids`` as decoder input too)."""
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return forward(model, ids)
 
 
 def perturb_lora_B(model: nn.Module, std: float = 0.1, seed: int = 0, adapter: str | None = None) -> int:

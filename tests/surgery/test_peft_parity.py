@@ -47,6 +47,9 @@ CASES = {
     "phi-exclude-lora_only": ("phi", dict(targets="all-linear", exclude=["dense"], bias="lora_only")),
     "llama-regex": ("llama", dict(targets=[r"re:.*\.layers\.[12]\.self_attn\.(q|k)_proj"])),
     "phi-regex-exclude": ("phi", dict(targets="all-linear", exclude=[r"re:.*\.layers\.0\..*"], dropout=0.1)),
+    # T5 reads `wo.weight` in its feed-forward: the wrapper must pass `.weight` through, as PEFT's does.
+    "t5-qkvo-wi-wo": ("t5", dict(targets=["q", "k", "v", "o", "wi", "wo"])),
+    "t5-all-linear": ("t5", dict(targets="all-linear")),
 }
 
 
