@@ -28,3 +28,11 @@ class AdapterLoadError(ValueError):
 
 class QuantizationError(ValueError):
     """A selected layer cannot be quantized (dtype, shape, device, tied weight) or the model is in the wrong state."""
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file cannot be read: truncated (e.g. a write killed half way), corrupt, or not a checkpoint."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, adapter weight or adapter gradient holds inf or NaN."""
