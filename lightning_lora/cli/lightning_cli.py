@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import lazy_instance
 
 from lightning_lora.callbacks.adapter_health import AdapterHealth
 
@@ -54,7 +55,7 @@ class LoRACLI(LightningCLI):
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
         parser.add_argument("--adapter_only_checkpoints", type=bool, default=True,
                             help="Checkpoints hold only trainable tensors, optimizer state and the LoRA config.")
-        parser.add_argument("--health", type=Optional[AdapterHealth], default=AdapterHealth(),
+        parser.add_argument("--health", type=Optional[AdapterHealth], default=lazy_instance(AdapterHealth),
                             help="Adapter health checks (AdapterHealth: optimizer, gradients, update size, non-finite "
                                  "stop); on by default, null to turn off, e.g. --health.on_nonfinite skip.")
         parser.link_arguments("model.model", "data.tokenizer")
