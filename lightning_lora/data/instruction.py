@@ -212,6 +212,11 @@ class InstructionDataModule(L.LightningDataModule):
             has one. Default: None.
         max_eval_samples: Keep at most this many validation records (first ones), to bound the cost of
             generation. Default: None (all).
+        replay: Replay data mixed into each training epoch against forgetting: a JSONL instruction file, or
+            ``"self"`` (the base model's own answers to general prompts, generated once and cached; see
+            :mod:`lightning_lora.data.replay`). Default: None (no replay).
+        replay_ratio: Share of replay examples in each training epoch, in [0, 1); drawn anew each epoch, seeded.
+            The realised ratio (after rounding) is logged and kept in ``replay_report``. Default: ``0.1``.
 
     Example:
         >>> dm = InstructionDataModule("examples/data/dates/train.jsonl", "examples/data/dates/val.jsonl",
@@ -232,9 +237,15 @@ class InstructionDataModule(L.LightningDataModule):
         seed: int = 0,
         use_chat_template: bool | None = None,
         max_eval_samples: int | None = None,
+        replay: str | None = None,
+        replay_ratio: float = 0.1,
     ) -> None:
         super().__init__()
         _validate_args(val_fraction, max_length, batch_size, eval_batch_size, num_workers, max_eval_samples)
+        _validate_replay(replay, replay_ratio)
+        self.replay, self.replay_ratio = replay, replay_ratio
+        self.replay_examples: list[TokenizedExample] = []
+        self.replay_report: dict[str, float] | None = None
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.tokenizer_name, self.use_chat_template = tokenizer, use_chat_template
@@ -264,11 +275,32 @@ class InstructionDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self._require_tokenizer_name())
         self.train_examples = self._tokenize(self.train_records or [], "train")
         self.val_examples = self._tokenize(self.val_records, "val")
+        if self.replay:
+            self.replay_examples = self._tokenize(self._replay_records(), "replay")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches: ``input_ids``, ``attention_mask``, ``labels``."""
+        if self.replay_examples and self.replay_ratio > 0:
+            return self._replay_loader()
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(self.train_examples, self.batch_size, False, shuffle=True, generator=generator)
+
+    def _replay_records(self) -> list[Conversation]:
+        from lightning_lora.data.replay import self_replay_records
+
+        if self.replay == "self":
+            return self_replay_records(self._require_tokenizer_name(), self._use_chat_template())
+        return read_instruction_file(str(self.replay))
+
+    def _replay_loader(self) -> DataLoader:
+        from lightning_lora.data.replay import ReplaySampler
+
+        sampler = ReplaySampler(len(self.train_examples), len(self.replay_examples), self.replay_ratio, self.seed)
+        self.replay_report = {"task": len(self.train_examples), "replay_per_epoch": sampler.n_replay,
+                              "pool": len(self.replay_examples), "ratio": sampler.realised_ratio}
+        log.info("replay: %d of %d examples per epoch from a pool of %d (realised ratio %.4f, asked %.4f)",
+                 sampler.n_replay, len(sampler), len(self.replay_examples), sampler.realised_ratio, self.replay_ratio)
+        return self._loader(self.train_examples + self.replay_examples, self.batch_size, False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches: the training keys plus ``gen_input_ids``, ``gen_attention_mask``, ``answers``."""
@@ -337,6 +369,16 @@ class InstructionDataModule(L.LightningDataModule):
             collate_examples, pad_token_id=self.tokenizer.pad_token_id, with_generation=with_generation
         )
         return DataLoader(examples, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate, **kwargs)
+
+
+def _validate_replay(replay: str | None, ratio: float) -> None:
+    from pathlib import Path
+
+    if replay is not None and replay != "self" and not Path(replay).is_file():
+        raise ValueError(f"replay={replay!r}: no such file; give a JSONL instruction file or 'self' (the base model's "
+                         "own answers to general prompts).")
+    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"replay_ratio={ratio!r}: give a share in [0, 1), e.g. 0.1 for one replay example in ten.")
 
 
 def _validate_args(
