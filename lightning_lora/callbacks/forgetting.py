@@ -54,12 +54,13 @@ class ForgettingMonitor(Callback):
         self_new_tokens: Tokens the base generates per "self" reference. Default: 24.
         warn_kl: Warn when the KL exceeds this. Default: None.
         stop_kl: Stop training (``trainer.should_stop``) when the KL exceeds this. Default: None.
+        results_file: At fit end, measure once more and write the history (JSON) here. Default: None.
     """
 
     def __init__(self, references: str = "general", *, tokenizer: str | None = None, module: str | None = "model",
                  base: Literal["auto", "live", "cached"] = "auto", top_k: int = 20, max_length: int = 96,
                  batch_size: int = 4, self_new_tokens: int = 24, warn_kl: float | None = None,
-                 stop_kl: float | None = None) -> None:
+                 stop_kl: float | None = None, results_file: str | None = None) -> None:
         if references not in ("general", "self") and not Path(references).is_file():
             raise ValueError(f"references={references!r}: give 'general', 'self', or an existing .txt/.jsonl file.")
         if base not in ("auto", "live", "cached"):
@@ -70,7 +71,7 @@ class ForgettingMonitor(Callback):
                 raise ValueError(f"{name}={value!r}: give a positive integer.")
         self.references, self.tokenizer_name, self.module, self.base = references, tokenizer, module, base
         self.top_k, self.max_length, self.batch_size, self.self_new_tokens = top_k, max_length, batch_size, self_new_tokens
-        self.warn_kl, self.stop_kl = warn_kl, stop_kl
+        self.warn_kl, self.stop_kl, self.results_file = warn_kl, stop_kl, results_file
         self.history: list[dict[str, float]] = []
         self._ids: list[list[int]] | None = None
         self._stats: list[ReferenceStatistics] | None = None
@@ -131,6 +132,21 @@ class ForgettingMonitor(Callback):
         else:
             rank_zero_info(f"ForgettingMonitor: step {trainer.global_step}: KL {kl:.4g}/token, reference perplexity "
                            f"{metrics['ppl']:.4g}.")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.results_file is None or self._ids is None:
+            return
+        if self._live and not can_disable(target_module(pl_module, self.module)):
+            rank_zero_warn("ForgettingMonitor: the adapters were merged before fit end; no final measurement.")
+        else:
+            self.history.append({"step": trainer.global_step, "final": True, **self.measure(pl_module)})
+        if trainer.is_global_zero:
+            from lightning_lora.surgery._io import atomic_file
+
+            with atomic_file(self.results_file) as tmp:
+                tmp.write_text(json.dumps({"references": self.references, "live": self._live,
+                                           "history": self.history}, indent=2) + "\n")
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """The forgetting metrics now (``ppl``, ``nll``, ``kl``); needs ``on_fit_start`` to have run."""
