@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (example config, extra CLI arguments); alpha = 2 r throughout, as in the example configs.
 ROWS: dict[str, tuple[str, list[str]]] = {
-    **{f"lora_attention_r{r}": ("lora_attention", ["--lora.r", str(r), "--lora.alpha", str(2 * r)]) for r in (4, 16, 64)},
-    **{f"lora_all_linear_r{r}": ("lora_all_linear", ["--lora.r", str(r), "--lora.alpha", str(2 * r)]) for r in (4, 16, 64)},
+    **{f"{config}_r{r}": (config, ["--lora.r", str(r), "--lora.alpha", str(2 * r)])
+       for config in ("lora_attention", "lora_all_linear") for r in (4, 16, 64)},
     "full_finetune": ("full_finetune", []),
     "layer_freezing": ("layer_freezing", []),
     **{f"lora_attention_r16_replay{ratio}": ("lora_attention", ["--data.replay", "self", "--data.replay_ratio", ratio])
@@ -62,7 +62,7 @@ def run_row(name: str, steps: int, out: Path, model: str | None, smoke: bool, wo
 def table(records: list[dict], steps: int) -> str:
     """The markdown table."""
     lines = [f"Demo task, {steps} steps of batch 8, 40 held-out rows (greedy exact match); forgetting on the "
-             f"{24} shipped general reference texts; {platform.processor() or platform.machine()}, "
+             f"24 shipped general reference texts; {platform.processor() or platform.machine()}, "
              f"{date.today().isoformat()}. Reproduce: `.venv/bin/python examples/forgetting.py`.", "",
              "| row | trainable params | exact match after | KL(base‖tuned) / token | reference perplexity |",
              "|---|---:|---:|---:|---:|"]
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", type=str, default=None, help=f"Comma-separated rows, of: {', '.join(ROWS)}.")
     parser.add_argument("--out", type=Path, default=REPO / "examples" / "results", help="Where results go.")
     parser.add_argument("--model", type=str, default=None, help="Override the base model (e.g. a tiny test model).")
-    parser.add_argument("--workdir", type=Path, default=REPO, help="Where the runs write out/<config>/ (default: repo).")
+    parser.add_argument("--workdir", type=Path, default=REPO,
+                        help="Where the runs write out/<config>/ (default: repo).")
     parser.add_argument("--smoke", action="store_true", help="Two rows, one step, tiny evaluation: a wiring test.")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else (SMOKE_ROWS if args.smoke else list(ROWS))

@@ -23,6 +23,7 @@ from lightning_lora.callbacks.trainable_parameters import TrainableParameters
 from lightning_lora.surgery.checkpoint import CheckpointMismatchError
 
 __all__ = [
-    "AdapterHealth", "AdapterHealthError", "CheckpointMismatchError", "ForgettingMonitor", "GradientCheckpointing", "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
+    "AdapterHealth", "AdapterHealthError", "CheckpointMismatchError", "ForgettingMonitor", "GradientCheckpointing",
+    "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
     "MultiAdapterEvaluation", "OptimizerSetupError", "TrainableParameters",
 ]

@@ -27,7 +27,8 @@ class CheckedCheckpointIO(CheckpointIO):
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     @override
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
         check_checkpoint_file(path)
         kwargs: dict[str, Any] = {"weights_only": weights_only}
         if map_location is not None:

@@ -100,7 +100,8 @@ class AdapterHealth(Callback):
         if problems:
             raise AdapterHealthError(
                 f"{len(problems)} adapter problem(s) would make training a silent no-op for these layers:\n  - "
-                + "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+                + "\n  - ".join(problems[:20])
+                + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
                 + "\nHINT: build the optimizer in configure_optimizers from `p for p in self.parameters() if "
                 "p.requires_grad`; keep adapters active (set_active_adapters / no disable_adapters around training); "
                 "use alpha > 0.")
@@ -120,8 +121,8 @@ class AdapterHealth(Callback):
         if silent:
             rank_zero_warn(
                 f"AdapterHealth: {len(silent)} of {len(self._units)} adapter layer(s) got no gradient in the first "
-                f"backward pass: {describe([u.label for u in silent])}.\nThe usual causes: the layer is not on the path "
-                "from the inputs to the loss (e.g. a pooler or head the loss does not use, or blocks after an early "
+                f"backward pass: {describe([u.label for u in silent])}.\nThe usual causes: the layer is not on the "
+                "path from the inputs to the loss (e.g. a pooler or head the loss does not use, or blocks after an early "
                 "exit), the adapter is disabled or not active in forward, or the module's forward bypasses the "
                 "wrapper (a fused kernel reading the base weight directly).\nHINT: target only the layers the loss "
                 "depends on, and check `lightning-lora plan` for what is wrapped.")

@@ -70,7 +70,8 @@ class ForgettingMonitor(Callback):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: give a positive integer.")
         self.references, self.tokenizer_name, self.module, self.base = references, tokenizer, module, base
-        self.top_k, self.max_length, self.batch_size, self.self_new_tokens = top_k, max_length, batch_size, self_new_tokens
+        self.top_k, self.max_length, self.batch_size = top_k, max_length, batch_size
+        self.self_new_tokens = self_new_tokens
         self.warn_kl, self.stop_kl, self.results_file = warn_kl, stop_kl, results_file
         self.history: list[dict[str, float]] = []
         self._ids: list[list[int]] | None = None

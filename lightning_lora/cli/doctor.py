@@ -30,7 +30,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--prompts", type=Optional[list[str]], default=None,
                         help="Probe prompts (default: three short general prompts).")
     parser.add_argument("--max_new_tokens", type=int, default=12, help="Greedy tokens per probe prompt.")
-    parser.add_argument("--dtype", type=str, default="float32", help="Weight dtype of the base: auto, float32, bfloat16.")
+    parser.add_argument("--dtype", type=str, default="float32",
+                        help="Weight dtype of the base: auto, float32, bfloat16.")
     parser.add_argument("--json", type=bool, default=False, help="Print the report as JSON instead of a table.")
     return parser
 
@@ -38,7 +39,11 @@ def build_parser() -> ArgumentParser:
 def doctor_main(argv: Sequence[str]) -> None:
     """Run ``lightning-lora doctor`` with ``argv``; exits 1 on problems, 2 on usage errors."""
     args = build_parser().parse_args(list(argv))
-    from lightning_lora.surgery.doctor import DEFAULT_PROBES, diagnose_adapter, report_json
+    from lightning_lora.surgery.doctor import (
+        DEFAULT_PROBES,
+        diagnose_adapter,
+        report_json,
+    )
 
     if not Path(args.adapter).is_dir():
         _usage(f"--adapter {args.adapter!r}: no such directory; give a PEFT adapter directory "

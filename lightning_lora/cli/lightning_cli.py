@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import lazy_instance
 
 from lightning_lora.callbacks.adapter_health import AdapterHealth
-
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.config import LoRAConfig

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -82,10 +83,12 @@ class DoctorReport:
                 "probes": [vars(p) for p in self.probes]}
 
     def __str__(self) -> str:
-        lines = [f"Adapter {self.adapter_dir}: {'healthy' if self.healthy else 'PROBLEMS'}"]
+        lines = [f"Adapter {self.adapter_dir}: " + ("healthy" if self.healthy else "PROBLEMS")]
         if self.layers:
             width = max(len(r.path) for r in self.layers)
-            lines.append(f"  {'layer':<{width}}  {'r':>4}  {'A':>12}  {'B':>12}  {'B=0':>4}  {'||sBA||/||W||':>13}")
+            header = ("layer", "r", "A", "B", "B=0", "||sBA||/||W||")
+            lines.append(f"  {header[0]:<{width}}  {header[1]:>4}  {header[2]:>12}  {header[3]:>12}  {header[4]:>4}  "
+                         f"{header[5]:>13}")
             for r in self.layers:
                 lines.append(f"  {r.path:<{width}}  {r.config_r:>4}  {str(r.a_shape):>12}  {str(r.b_shape):>12}  "
                              f"{'yes' if r.b_zero else 'no':>4}  {r.update:>13.3g}")
@@ -122,7 +125,7 @@ def diagnose_adapter(model: nn.Module, adapter_dir: str | Path, *, tokenizer: An
         config, tensors = read_adapter(adapter_dir)
     except FileNotFoundError:
         raise
-    except Exception as err:  # unreadable config or weights: a problem of the adapter, reported, not a crash
+    except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # unreadable config or weights: reported
         report.problems.append(f"cannot read the adapter: {type(err).__name__}: {err}")
         return report
     bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
@@ -160,8 +163,8 @@ def _config_rank_mismatches(config: Any, tensors: dict[str, Tensor]) -> list[str
     return found
 
 
-class _finite_copy:  # noqa: N801 - a context manager used like a function
-    """The adapter directory itself, or a temporary copy with non-finite values zeroed so that its fit can be checked."""
+class _finite_copy:  # a context manager used like a function
+    """The adapter directory, or a temporary copy with non-finite values zeroed so that its fit can be checked."""
 
     def __init__(self, adapter_dir: str | Path, tensors: dict[str, Tensor], bad: list[str]) -> None:
         self.adapter_dir, self.tensors, self.bad = Path(adapter_dir), tensors, bad
@@ -256,4 +259,4 @@ def report_json(report: DoctorReport) -> str:
     return json.dumps(report.to_dict(), indent=2)
 
 
-__all__ = ["DEFAULT_PROBES", "DoctorReport", "LayerRow", "ProbeRow", "VLLM_VERSION", "diagnose_adapter", "report_json"]
+__all__ = ["DEFAULT_PROBES", "VLLM_VERSION", "DoctorReport", "LayerRow", "ProbeRow", "diagnose_adapter", "report_json"]

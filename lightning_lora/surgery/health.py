@@ -132,7 +132,7 @@ def pre_training_problems(units: list[AdapterUnit], optimizer_params: Iterable[T
         if unit.scale is not None and not (unit.scale > 0 and unit.scale != float("inf")):
             problems.append(f"{unit.label}: scale {unit.scale!r} (alpha / r) must be finite and > 0; alpha = 0 "
                             "multiplies every update by zero")
-        if all(not t.detach().any() for t in unit.tensors.values()):
+        if all(not _local(t).any() for t in unit.tensors.values()):
             problems.append(f"{unit.label}: all of {', '.join(unit.tensors)} are zero, so no tensor ever gets a "
                             "gradient (initialise A randomly, B at zero)")
     return problems
@@ -145,7 +145,7 @@ def units_without_grad(units: list[AdapterUnit]) -> list[AdapterUnit]:
     Per unit, not per tensor: with B initialised to zero, A's gradient is zero at the first step by design.
     """
     trained = [u for u in units if any(t.requires_grad for t in u.tensors.values())]
-    return [u for u in trained if all(t.grad is None or not t.grad.detach().any() for t in u.tensors.values())]
+    return [u for u in trained if all(t.grad is None or not _local(t.grad).any() for t in u.tensors.values())]
 
 
 def nonfinite_tensors(units: list[AdapterUnit], *, grads: bool = False) -> list[str]:
@@ -157,7 +157,7 @@ def nonfinite_tensors(units: list[AdapterUnit], *, grads: bool = False) -> list[
     pairs = [(label, t) for label, t in pairs if t is not None]
     if not pairs:
         return []
-    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in pairs])  # (n,) on the tensors' device
+    flags = torch.stack([torch.isfinite(_local(t)).all() for _, t in pairs])  # (n,) on the tensors' device
     if bool(flags.all()):
         return []
     return [label for (label, _), ok in zip(pairs, flags.tolist()) if not ok]
@@ -177,6 +177,11 @@ def relative_update_sizes(units: list[AdapterUnit]) -> dict[str, float]:
             update_norm = torch.linalg.matrix_norm(unit.update()).item()
             sizes[unit.label] = update_norm / base_norm if base_norm > 0 else update_norm
     return sizes
+
+
+def _local(tensor: Tensor) -> Tensor:
+    # A sharded (FSDP2 DTensor) parameter is checked on this rank's shard; callers reduce the verdict across ranks.
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach()
 
 
 def describe(labels: list[str], limit: int = 8) -> str:

@@ -1,4 +1,4 @@
-"""AdapterHealth in real Trainer runs: each silent failure injected gives its named error or warning; a healthy run none."""
+"""AdapterHealth in real Trainer runs: each injected silent failure gives its named error or warning; none when healthy."""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ LORA = LoRAConfig(r=4)
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
     saver = ModelCheckpoint(dirpath=out, filename="good", save_last=False)
-    trainer(out, [LoRAFinetuning(LORA, module="model"), saver], max_steps=2, enable_checkpointing=True).fit(TinyModule())
+    run = trainer(out, [LoRAFinetuning(LORA, module="model"), saver], max_steps=2, enable_checkpointing=True)
+    run.fit(TinyModule())
     return out / "good.ckpt"
 
 

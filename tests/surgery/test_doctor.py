@@ -53,7 +53,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config = json.loads((root / "trained" / "adapter_config.json").read_text())
     config["r"] = 8
     (root / "badconfig" / "adapter_config.json").write_text(json.dumps(config))
-    (root / "badconfig" / "adapter_model.safetensors").write_bytes((root / "trained" / "adapter_model.safetensors").read_bytes())
+    weights = (root / "trained" / "adapter_model.safetensors").read_bytes()
+    (root / "badconfig" / "adapter_model.safetensors").write_bytes(weights)
     other = LlamaOther()
     apply_lora(other, CONFIG)
     for _, layer in lora_layers(other):
@@ -62,7 +63,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "base": base}
 
 
-def LlamaOther() -> torch.nn.Module:  # noqa: N802 - a factory: same module names, hidden 32 instead of 64
+def LlamaOther() -> torch.nn.Module:  # a factory: same module names, hidden 32 instead of 64
     from tests.factories import tiny_llama
 
     return tiny_llama(num_layers=2)
