@@ -3,7 +3,8 @@
 Thin over :mod:`lightning_lora.surgery.health`. Hooks, in ``fit`` order:
 
 * ``on_fit_start`` (the optimizer exists): every trainable adapter tensor is in an optimizer, the adapter is active,
-  its scale (alpha / r) is finite and > 0, and not all of its tensors are zero -- else :class:`AdapterHealthError`.
+  its scale (alpha / r) is finite and > 0, and not all of its tensors are zero -- else :class:`AdapterHealthError`;
+  layers that train only some of their tensors get a warning (LoRA-FA freezes A on purpose).
 * ``on_before_backward``: remembers whether the loss is finite.
 * ``on_after_backward``, first time only: every adapter *layer* got a non-zero gradient in one of its tensors (per
   layer: with B = 0 at start, A's first gradient is zero by design); the layers that got none are named in a warning.
@@ -34,6 +35,7 @@ from lightning_lora.surgery.health import (
     adapter_units,
     describe,
     nonfinite_tensors,
+    partly_frozen,
     pre_training_problems,
     relative_update_sizes,
     units_without_grad,
@@ -95,6 +97,11 @@ class AdapterHealth(Callback):
         if not self._units:
             log.info("AdapterHealth: the model has no adapter layers; only the loss is checked.")
             return
+        frozen = partly_frozen(self._units)
+        if frozen:
+            rank_zero_warn(f"AdapterHealth: {len(frozen)} adapter layer(s) train only part of their tensors (frozen: "
+                           f"{describe(frozen)}). Intended for LoRA-FA (A frozen); otherwise call "
+                           "set_trainable(model, name) after changing requires_grad.")
         params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
         problems = pre_training_problems(self._units, params)
         if problems:

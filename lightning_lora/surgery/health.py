@@ -108,8 +108,8 @@ def adapter_parameter_ids(units: Iterable[AdapterUnit]) -> set[int]:
 def pre_training_problems(units: list[AdapterUnit], optimizer_params: Iterable[Tensor]) -> list[str]:
     """Why the trainable adapters would not learn, one line per problem (empty when all is well).
 
-    Checked for each unit with a tensor that requires grad: every tensor requires grad and is in an optimizer, the
-    adapter is active, its scale is finite and > 0, and not all of its tensors are zero (LoRA with A = B = 0 gets
+    Checked for each unit with a tensor that requires grad: every trainable tensor is in an optimizer, the adapter is
+    active, its scale is finite and > 0, and not all of its tensors are zero (LoRA with A = B = 0 gets
     no gradient at all: dL/dA = B^T (...) = 0 and dL/dB = (...) A^T = 0).
 
     Args:
@@ -120,10 +120,7 @@ def pre_training_problems(units: list[AdapterUnit], optimizer_params: Iterable[T
     trained = [u for u in units if any(t.requires_grad for t in u.tensors.values())]
     problems = []
     for unit in trained:
-        frozen = [n for n, t in unit.tensors.items() if not t.requires_grad]
         missing = [n for n, t in unit.tensors.items() if t.requires_grad and id(t) not in in_optimizer]
-        if frozen:
-            problems.append(f"{unit.label}: {', '.join(frozen)} frozen (requires_grad=False) while the rest trains")
         if missing:
             problems.append(f"{unit.label}: {', '.join(missing)} in no optimizer param group (never updated)")
         if not unit.active:
@@ -136,6 +133,16 @@ def pre_training_problems(units: list[AdapterUnit], optimizer_params: Iterable[T
             problems.append(f"{unit.label}: all of {', '.join(unit.tensors)} are zero, so no tensor ever gets a "
                             "gradient (initialise A randomly, B at zero)")
     return problems
+
+
+def partly_frozen(units: list[AdapterUnit]) -> list[str]:
+    """``"<layer>: lora_A"`` for units that train some tensors and freeze others (LoRA-FA does this on purpose)."""
+    found = []
+    for unit in units:
+        frozen = [n for n, t in unit.tensors.items() if not t.requires_grad]
+        if frozen and len(frozen) < len(unit.tensors):
+            found.append(f"{unit.label}: {', '.join(frozen)}")
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ during training
