@@ -170,3 +170,18 @@ def test_bad_options_are_named() -> None:
         AdapterHealth(on_nonfinite="halt")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="log_every_n_steps=0"):
         AdapterHealth(log_every_n_steps=0)
+
+
+def test_fp16_gradscaler_overflow_is_left_to_the_scaler(tmp_path: Path) -> None:
+    """Under fp16 mixed precision an occasional overflow is normal: GradScaler skips the step and lowers the scale."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def overflow_at_step_1(pl_module: Any) -> None:
+        trainer_ref = pl_module.trainer
+        lora_layers(pl_module)[0][1].lora_B["default"].register_hook(
+            lambda g: g * math.inf if trainer_ref.global_step == 1 else g)
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    health = AdapterHealth()
+    found = _fit(tmp_path, TinyModule(), health, extra=[_Inject(overflow_at_step_1)], max_steps=3, plugins=[plugin])
+    assert found == [] and health.skipped_steps == [] and plugin.scaler.get_scale() < 65536.0
