@@ -142,14 +142,15 @@ def test_cli_exit_codes_in_real_processes(setup: dict) -> None:
     healthy = _cli("--model", model, "--adapter", str(root / "trained"), "--max_new_tokens", "2")
     assert healthy.returncode == 0, healthy.stderr[-2000:]
     assert "healthy" in healthy.stdout and "model.layers.0.self_attn.q_proj" in healthy.stdout
-    untrained = _cli("--model", model, "--adapter", str(root / "untrained"), "--max_new_tokens", "1", "--json", "true")
-    assert untrained.returncode == 1 and json.loads(untrained.stdout)["healthy"] is False
     usage = _cli("--model", model, "--adapter", str(root / "missing"))
     assert usage.returncode == 2 and "--adapter" in usage.stderr and "no such directory" in usage.stderr
 
 
-def test_cli_problem_and_usage_exit_codes_in_process(setup: dict) -> None:
+def test_cli_problem_and_usage_exit_codes_in_process(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
     root, model = setup["root"], str(setup["base"])
+    with pytest.raises(SystemExit) as untrained:
+        main(["doctor", "--model", model, "--adapter", str(root / "untrained"), "--max_new_tokens", "1", "--json", "true"])
+    assert untrained.value.code == 1 and json.loads(capsys.readouterr().out)["healthy"] is False
     with pytest.raises(SystemExit) as nan:
         main(["doctor", "--model", model, "--adapter", str(root / "nan"), "--prompts", "[]"])
     assert nan.value.code == 1
