@@ -25,12 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._checked_io import install_checked_io
-from lightning_lora.callbacks._model_ready import (
-    LORA,
-    forget,
-    target_module,
-    when_model_ready,
-)
+from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
 from lightning_lora.surgery.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
 from lightning_lora.surgery.checkpoint import (
     CheckpointMismatchError,
@@ -40,13 +35,10 @@ from lightning_lora.surgery.checkpoint import (
 )
 from lightning_lora.surgery.checkpoint_file import read_checkpoint
 from lightning_lora.surgery.config import LoRAConfig
-from lightning_lora.surgery.errors import SurgeryError
-from lightning_lora.surgery.freeze import (
-    frozen_in_optimizers,
-    trainable_not_in_optimizers,
-)
-from lightning_lora.surgery.identity import identity_differences, model_identity
 from lightning_lora.surgery.quant_config import QuantConfig
+from lightning_lora.surgery.errors import SurgeryError
+from lightning_lora.surgery.freeze import frozen_in_optimizers, trainable_not_in_optimizers
+from lightning_lora.surgery.identity import identity_differences, model_identity
 from lightning_lora.surgery.registry import adapter_configs
 from lightning_lora.surgery.report import SurgeryReport
 

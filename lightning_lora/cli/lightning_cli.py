@@ -1,7 +1,9 @@
 """LightningCLI with LoRA: ``lora``, ``quantize`` and ``lora_module`` options next to the usual trainer/model/data.
 
 Adapter health checks (:class:`~lightning_lora.callbacks.AdapterHealth`) are on by default (``--health null`` turns
-them off): a non-finite loss or adapter gradient stops the run naming the step. The LoRA surgery is added as a :class:`~lightning_lora.callbacks.LoRAFinetuning` callback, so it runs in
+them off): a non-finite loss or adapter gradient stops the run naming the step.
+
+The LoRA surgery is added as a :class:`~lightning_lora.callbacks.LoRAFinetuning` callback, so it runs in
 ``setup`` / right after ``configure_model``, before the optimizer exists. The CLI's automatic optimizer is off:
 it would be built from ``model.parameters()`` before the surgery and miss every adapter. The built-in module takes
 its optimizer as ``model.optimizer`` and builds it over the trainable parameters instead.
