@@ -39,11 +39,7 @@ def build_parser() -> ArgumentParser:
 def doctor_main(argv: Sequence[str]) -> None:
     """Run ``lightning-lora doctor`` with ``argv``; exits 1 on problems, 2 on usage errors."""
     args = build_parser().parse_args(list(argv))
-    from lightning_lora.surgery.doctor import (
-        DEFAULT_PROBES,
-        diagnose_adapter,
-        report_json,
-    )
+    from lightning_lora.surgery.doctor import DEFAULT_PROBES, diagnose_adapter, report_json
 
     if not Path(args.adapter).is_dir():
         _usage(f"--adapter {args.adapter!r}: no such directory; give a PEFT adapter directory "
