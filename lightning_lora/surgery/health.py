@@ -88,6 +88,12 @@ def register_adapter_finder(finder: AdapterFinder) -> None:
         _FINDERS.append(finder)
 
 
+def remove_adapter_finder(finder: AdapterFinder) -> None:
+    """Forget a finder added with :func:`register_adapter_finder` (the LoRA finder stays)."""
+    if finder in _FINDERS and finder is not _lora_units:
+        _FINDERS.remove(finder)
+
+
 def adapter_units(model: nn.Module, adapter: str | None = None) -> list[AdapterUnit]:
     """Every adapter unit of every registered method in ``model``, in model order.
 
