@@ -92,6 +92,7 @@ ALLOWED = {
     "io": {"lora", "methods"},
     "multi": {"lora"},
     "training": {"lora", "quant", "io", "multi", "methods"},
+    "diagnostics": {"lora", "quant", "io", "multi", "methods", "training"},
 }
 LEAVES = {f"{SURGERY}.errors", f"{SURGERY}._deps", f"{SURGERY}._compat"}
 

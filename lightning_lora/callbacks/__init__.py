@@ -5,11 +5,15 @@
 * :class:`GradientCheckpointing` -- activation checkpointing on the transformer blocks.
 * :class:`LayerFreezing` -- train only some blocks, unfreezing more on a resumable schedule.
 * :class:`MergeAndExport` -- write the adapter and a merged model at the end of fit.
+* :class:`ForgettingMonitor` -- KL to the base and perplexity on general reference text at each validation.
+* :class:`AdapterHealth` -- catch the silent failures of adapter training (no gradient, no update, non-finite values).
 
 They compose in any order: work that must precede the optimizer runs right after ``configure_model`` in a fixed
 order (LoRA surgery, then freezing, then checkpointing).
 """
 
+from lightning_lora.callbacks.adapter_health import AdapterHealth, AdapterHealthError
+from lightning_lora.callbacks.forgetting import ForgettingMonitor
 from lightning_lora.callbacks.gradient_checkpointing import GradientCheckpointing
 from lightning_lora.callbacks.layer_freezing import LayerFreezing
 from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning
@@ -19,6 +23,7 @@ from lightning_lora.callbacks.trainable_parameters import TrainableParameters
 from lightning_lora.surgery.errors import CheckpointMismatchError, OptimizerSetupError
 
 __all__ = [
-    "CheckpointMismatchError", "GradientCheckpointing", "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
+    "AdapterHealth", "AdapterHealthError", "CheckpointMismatchError", "ForgettingMonitor", "GradientCheckpointing",
+    "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
     "MultiAdapterEvaluation", "OptimizerSetupError", "TrainableParameters",
 ]

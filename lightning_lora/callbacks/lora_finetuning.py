@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_lora.callbacks._checked_io import install_checked_io
 from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
 from lightning_lora.surgery.errors import CheckpointMismatchError
@@ -35,6 +36,7 @@ from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainab
 from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
 from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.lora.report import SurgeryReport
+from lightning_lora.surgery.training.checkpoint_file import read_checkpoint
 
 _STATE_VERSION = 1
 
@@ -100,6 +102,7 @@ class LoRAFinetuning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         when_model_ready(pl_module, self.state_key, LORA, self.apply)
+        install_checked_io(trainer)  # a truncated ckpt_path is named as such, not `OSError: [Errno 22]`
         if self.adapter_only_checkpoints and any(isinstance(cb, ModelCheckpoint) and cb.save_weights_only
                                                  for cb in trainer.callbacks):
             rank_zero_warn("ModelCheckpoint(save_weights_only=True) skips callbacks' checkpoint hooks, so its checkpoints "
@@ -221,9 +224,10 @@ class LoRAFinetuning(Callback):
 
         Raises:
             CheckpointMismatchError: If the checkpoint was written for another base model or LoRA setup, or lacks
-                adapter tensors.
+                adapter tensors, or its adapter tensors hold inf or NaN.
+            CheckpointFileError: If the file is truncated or corrupt.
         """
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(ckpt_path)
         if is_overridden("configure_model", pl_module):
             pl_module.configure_model()
         self.apply(pl_module)
@@ -248,10 +252,11 @@ class LoRAFinetuning(Callback):
             quantize: The quantization config, required when the checkpoint's run quantized the base.
 
         Raises:
+            CheckpointFileError: If the file is truncated or corrupt.
             ValueError: If the checkpoint holds no (or several, and ``adapter_name`` is not given) LoRA states, or
                 was trained on a quantized base and ``quantize`` is not given.
         """
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(ckpt_path)
         states = [s for k, s in checkpoint.get("callbacks", {}).items() if str(k).startswith(cls.__qualname__)]
         states = [s for s in states if adapter_name is None or s.get("adapter_name") == adapter_name]
         if len(states) != 1:

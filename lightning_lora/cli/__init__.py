@@ -12,14 +12,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-_OWN_COMMANDS = ("plan", "export")
+_OWN_COMMANDS = ("plan", "export", "doctor")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-lora`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in _OWN_COMMANDS:
-        if args[0] == "plan":
+        if args[0] == "doctor":
+            from lightning_lora.cli.doctor import doctor_main
+
+            doctor_main(args[1:])
+        elif args[0] == "plan":
             from lightning_lora.cli.plan import plan_main
 
             plan_main(args[1:])

@@ -1,5 +1,8 @@
 """LightningCLI with LoRA: ``lora``, ``quantize`` and ``lora_module`` options next to the usual trainer/model/data.
 
+Adapter health checks (:class:`~lightning_lora.callbacks.AdapterHealth`) are on by default (``--health null`` turns
+them off): a non-finite loss or adapter gradient stops the run naming the step.
+
 The LoRA surgery is added as a :class:`~lightning_lora.callbacks.LoRAFinetuning` callback, so it runs in
 ``setup`` / right after ``configure_model``, before the optimizer exists. The CLI's automatic optimizer is off:
 it would be built from ``model.parameters()`` before the surgery and miss every adapter. The built-in module takes
@@ -11,9 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_lora.callbacks.adapter_health import AdapterHealth
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.lora.config import LoRAConfig
@@ -51,6 +56,9 @@ class LoRACLI(LightningCLI):
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
         parser.add_argument("--adapter_only_checkpoints", type=bool, default=True,
                             help="Checkpoints hold only trainable tensors, optimizer state and the LoRA config.")
+        parser.add_argument("--health", type=Optional[AdapterHealth], default=lazy_instance(AdapterHealth),
+                            help="Adapter health checks (AdapterHealth: optimizer, gradients, update size, non-finite "
+                                 "stop); on by default, null to turn off, e.g. --health.on_nonfinite skip.")
         parser.link_arguments("model.model", "data.tokenizer")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -64,6 +72,9 @@ class LoRACLI(LightningCLI):
             callback = LoRAFinetuning(lora, quantize=quantize, module=config.get("lora_module"),
                                       adapter_only_checkpoints=config.get("adapter_only_checkpoints", True))
             trainer.callbacks.insert(0, callback)
+        health = config.get("health")
+        if health is not None and not any(isinstance(cb, AdapterHealth) for cb in trainer.callbacks):
+            trainer.callbacks.append(health)
         return trainer
 
     def before_fit(self) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lora.data.jsonl import Conversation, read_instruction_file
+from lightning_lora.data.rendering import render_completion, render_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,44 +54,6 @@ class EvalPrompt(NamedTuple):
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether ``tokenizer`` carries a chat template."""
     return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_prompt(messages: Conversation, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
-    """Render the prompt part of a conversation (all messages but the answer) as text.
-
-    Args:
-        messages: The whole conversation; its last message (the answer) is left out.
-        tokenizer: Supplies the chat template.
-        use_chat_template: Apply the chat template with its generation prompt; else join the contents with
-            blank lines and end with a newline.
-    """
-    context = [dict(m) for m in messages[:-1]]
-    if use_chat_template:
-        return tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in context) + "\n"
-
-
-def render_completion(messages: Conversation, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
-    """Render what the model must learn to produce after the prompt: the answer and the end of its turn.
-
-    With a chat template this is the full rendering minus the prompt rendering, so it includes the
-    template's end-of-turn text (e.g. ``"2021-03-03<|im_end|>\\n"``). Without one it is the bare answer; the
-    EOS token id is appended by :func:`tokenize_conversation`.
-
-    Raises:
-        ValueError: If the template does not render the prompt as a prefix of the whole conversation.
-    """
-    if not use_chat_template:
-        return messages[-1]["content"]
-    prompt = render_prompt(messages, tokenizer, True)
-    full = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError(
-            "the tokenizer's chat template does not render the prompt (with add_generation_prompt=True) as a "
-            f"prefix of the whole conversation, so the answer cannot be isolated: prompt={prompt[-80:]!r}, "
-            f"full={full[-120:]!r}. Set use_chat_template to false, or fix the template"
-        )
-    return full[len(prompt) :]
 
 
 def _fit_length(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -212,6 +175,11 @@ class InstructionDataModule(L.LightningDataModule):
             has one. Default: None.
         max_eval_samples: Keep at most this many validation records (first ones), to bound the cost of
             generation. Default: None (all).
+        replay: Replay data mixed into each training epoch against forgetting: a JSONL instruction file, or
+            ``"self"`` (the base model's own answers to general prompts, generated once and cached; see
+            :mod:`lightning_lora.data.replay`). Default: None (no replay).
+        replay_ratio: Share of replay examples in each training epoch, in [0, 1); drawn anew each epoch, seeded.
+            The realised ratio (after rounding) is logged and kept in ``replay_report``. Default: ``0.1``.
 
     Example:
         >>> dm = InstructionDataModule("examples/data/dates/train.jsonl", "examples/data/dates/val.jsonl",
@@ -232,9 +200,15 @@ class InstructionDataModule(L.LightningDataModule):
         seed: int = 0,
         use_chat_template: bool | None = None,
         max_eval_samples: int | None = None,
+        replay: str | None = None,
+        replay_ratio: float = 0.1,
     ) -> None:
         super().__init__()
         _validate_args(val_fraction, max_length, batch_size, eval_batch_size, num_workers, max_eval_samples)
+        _validate_replay(replay, replay_ratio)
+        self.replay, self.replay_ratio = replay, replay_ratio
+        self.replay_examples: list[TokenizedExample] = []
+        self.replay_report: dict[str, float] | None = None
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.tokenizer_name, self.use_chat_template = tokenizer, use_chat_template
@@ -264,11 +238,32 @@ class InstructionDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self._require_tokenizer_name())
         self.train_examples = self._tokenize(self.train_records or [], "train")
         self.val_examples = self._tokenize(self.val_records, "val")
+        if self.replay:
+            self.replay_examples = self._tokenize(self._replay_records(), "replay")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches: ``input_ids``, ``attention_mask``, ``labels``."""
+        if self.replay_examples and self.replay_ratio > 0:
+            return self._replay_loader()
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(self.train_examples, self.batch_size, False, shuffle=True, generator=generator)
+
+    def _replay_records(self) -> list[Conversation]:
+        from lightning_lora.data.replay import self_replay_records
+
+        if self.replay == "self":
+            return self_replay_records(self._require_tokenizer_name(), self._use_chat_template())
+        return read_instruction_file(str(self.replay))
+
+    def _replay_loader(self) -> DataLoader:
+        from lightning_lora.data.replay import ReplaySampler
+
+        sampler = ReplaySampler(len(self.train_examples), len(self.replay_examples), self.replay_ratio, self.seed)
+        self.replay_report = {"task": len(self.train_examples), "replay_per_epoch": sampler.n_replay,
+                              "pool": len(self.replay_examples), "ratio": sampler.realised_ratio}
+        log.info("replay: %d of %d examples per epoch from a pool of %d (realised ratio %.4f, asked %.4f)",
+                 sampler.n_replay, len(sampler), len(self.replay_examples), sampler.realised_ratio, self.replay_ratio)
+        return self._loader(self.train_examples + self.replay_examples, self.batch_size, False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches: the training keys plus ``gen_input_ids``, ``gen_attention_mask``, ``answers``."""
@@ -337,6 +332,16 @@ class InstructionDataModule(L.LightningDataModule):
             collate_examples, pad_token_id=self.tokenizer.pad_token_id, with_generation=with_generation
         )
         return DataLoader(examples, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate, **kwargs)
+
+
+def _validate_replay(replay: str | None, ratio: float) -> None:
+    from pathlib import Path
+
+    if replay is not None and replay != "self" and not Path(replay).is_file():
+        raise ValueError(f"replay={replay!r}: no such file; give a JSONL instruction file or 'self' (the base model's "
+                         "own answers to general prompts).")
+    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"replay_ratio={ratio!r}: give a share in [0, 1), e.g. 0.1 for one replay example in ten.")
 
 
 def _validate_args(

@@ -19,6 +19,8 @@ its config class.
     ├── MergeError (RuntimeError)      merging would corrupt weights or cannot be done
     ├── AdapterLoadError (ValueError)  an adapter file or directory that does not fit or cannot be read
     ├── CheckpointMismatchError (ValueError)
+    ├── CheckpointFileError (ValueError)   a truncated or corrupt checkpoint file
+    ├── NonFiniteError (FloatingPointError) a non-finite loss, adapter weight or gradient
     ├── QuantizationError (ValueError)
     ├── MixedBatchError (ValueError)
     ├── CombineError (ValueError)
@@ -92,8 +94,16 @@ class OptimizerSetupError(LightningLoRAError, RuntimeError):
     """The optimizer does not hold the trainable (adapter) parameters, or holds frozen ones."""
 
 
+class CheckpointFileError(LightningLoRAError, ValueError):
+    """A checkpoint file cannot be read: truncated (e.g. a write killed half way), corrupt, or not a checkpoint."""
+
+
+class NonFiniteError(LightningLoRAError, FloatingPointError):
+    """A loss, adapter weight or adapter gradient holds inf or NaN."""
+
+
 __all__ = [
-    "AdapterLoadError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
-    "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "OptimizerSetupError",
-    "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
+    "AdapterLoadError", "CheckpointFileError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
+    "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "NonFiniteError",
+    "OptimizerSetupError", "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
 ]

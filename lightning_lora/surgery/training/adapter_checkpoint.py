@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import CheckpointMismatchError
@@ -86,7 +87,8 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], adapter_na
         strict: Also list keys the model does not have (only reported alongside another problem).
 
     Raises:
-        CheckpointMismatchError: Listing every missing key, shape mismatch and (with ``strict``) unexpected key.
+        CheckpointMismatchError: Listing every missing key, shape mismatch and (with ``strict``) unexpected key;
+            or, when all fit, every required tensor that holds inf or NaN.
     """
     tensors = dict(model.named_parameters(remove_duplicate=False))
     required = sorted(required_state_keys(model, adapter_name))
@@ -95,10 +97,24 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], adapter_na
               for k in required if prefix + k in state_dict and k in tensors
               and tuple(state_dict[prefix + k].shape) != tuple(tensors[k].shape)]
     if not missing and not shapes:
+        _refuse_nonfinite([k for k in required if _nonfinite(state_dict[prefix + k])])
         return
     known = set(model.state_dict().keys())
     unexpected = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in known] if strict else []
     raise CheckpointMismatchError(_mismatch_message(adapter_name, missing, shapes, unexpected))
+
+
+def _nonfinite(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def _refuse_nonfinite(keys: list[str]) -> None:
+    if keys:
+        shown = "\n    ".join(keys[:10]) + (f"\n    ... and {len(keys) - 10} more" if len(keys) > 10 else "")
+        raise CheckpointMismatchError(
+            f"The checkpoint's adapter tensors hold inf or NaN, so training from it cannot recover; it is refused "
+            f"and nothing was loaded. {len(keys)} tensor(s):\n    {shown}\nHINT: resume from an earlier checkpoint, "
+            "written before the loss became non-finite (AdapterHealth stops training at the first non-finite step).")
 
 
 def _mismatch_message(adapter_name: str, missing: list[str], shapes: list[str], unexpected: list[str]) -> str:
