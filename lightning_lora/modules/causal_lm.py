@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, Metric
 
 from lightning_lora.callbacks._model_ready import PRECISION, forget, when_model_ready
@@ -82,13 +83,14 @@ def _apply_auto_precision(module: CausalLMModule) -> None:
         return  # a *-true Lightning precision set another default dtype for the load: leave it as it is
     dtype = frozen_dtype_for_auto(model)
     if dtype == torch.float32:
-        log.info("dtype=auto: float32 (no faster bf16 matmul on this machine)")
+        rank_zero_info("dtype=auto: float32 (this machine has no faster bf16 matmul)")
         return
     n = cast_frozen_(model, dtype)
     module.frozen_dtype = dtype
-    log.info("dtype=auto: %s frozen weights (%.1fM elements) under %s autocast; trainable weights float32. "
-             "HINT: --model.dtype float32 (or LIGHTNING_LORA_AUTO_DTYPE=float32) keeps everything float32",
-             dtype, n / 1e6, dtype)
+    name = str(dtype).removeprefix("torch.")
+    rank_zero_info(f"dtype=auto: frozen weights in {name} ({n / 1e6:.1f}M elements), forward under {name} autocast; "
+                   "trainable weights and optimizer state float32. HINT: --model.dtype float32 (or "
+                   "LIGHTNING_LORA_AUTO_DTYPE=float32) keeps everything float32")
 
 
 class CausalLMModule(L.LightningModule):

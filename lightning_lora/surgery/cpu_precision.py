@@ -11,8 +11,9 @@ Xeon with AMX, 2.3 ms vs 8.9 ms for a 1024x576 @ 576x1536 linear; an AMD EPYC wi
 3. With them, a short timed probe (a few ms, once per process) confirms bf16 is faster at LLM-sized shapes. Flags
    alone are not enough: AMX needs the OS to grant tile state, torch's bf16 kernels may not use the instructions
    for a given build, and an implementation with narrow bf16 units could be no faster; only a measurement says.
-   The probe takes the fastest of several repeats of each dtype (robust to a loaded machine) and asks for a clear
-   margin (bf16 <= 0.8x fp32), so a noisy machine does not flip the decision back and forth.
+   The probe runs the two dtypes back to back in alternating order and takes the median of the paired ratios (a
+   load spike on a shared machine hits both sides of a pair), and asks for a clear margin (bf16 <= 0.8x fp32), so
+   a noisy machine does not flip the decision back and forth.
 
 Small matmuls (e.g. 128x64 @ 64x64) stay faster in fp32 even on such CPUs; the probe's shape is that of a small
 LLM's projection, which is what the frozen base runs.
@@ -24,7 +25,9 @@ import functools
 import logging
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -106,27 +109,39 @@ def cpu_capabilities() -> CpuCapabilities:
     )
 
 
-def _fastest_linear_s(dtype: torch.dtype, repeats: int = 5) -> float:
+def _paired_ratio(fp32: Callable[[], object], bf16: Callable[[], object], pairs: int) -> float:
+    """Median over ``pairs`` rounds of (bf16 time / fp32 time), the two run back to back in alternating order, after
+    one warm-up each: a load spike on a shared machine then hits both sides of a round, and the median drops outliers."""
+    fp32(), bf16()  # warm-up: kernel selection, weight packing
+    ratios = []
+    for i in range(pairs):
+        times = {}
+        for name, fn in (("fp32", fp32), ("bf16", bf16)) if i % 2 == 0 else (("bf16", bf16), ("fp32", fp32)):
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        ratios.append(times["bf16"] / times["fp32"])
+    return statistics.median(ratios)
+
+
+def _linear(dtype: torch.dtype) -> Callable[[], object]:
     tokens, n_in, n_out = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, n_in, generator=gen).to(dtype)  # (T, in)
     w = torch.randn(n_out, n_in, generator=gen).to(dtype)  # (out, in)
-    with torch.no_grad():
-        torch.nn.functional.linear(x, w)  # warm-up: kernel selection, weight packing
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)  # (T, in) @ (in, out) -> (T, out)
-            best = min(best, time.perf_counter() - start)
-    return best
+
+    def run() -> object:
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, w)  # (T, in) @ (in, out) -> (T, out)
+
+    return run
 
 
 @functools.cache
 def bf16_probe_ratio() -> float:
-    """bf16 / fp32 time of one :data:`PROBE_SHAPE` linear on this CPU (fastest of 5 each; measured once per process)."""
-    fp32, bf16 = _fastest_linear_s(torch.float32), _fastest_linear_s(torch.bfloat16)
-    ratio = bf16 / fp32
-    log.info("bf16 probe: %s linear %.3f ms fp32, %.3f ms bf16 (ratio %.2f)", PROBE_SHAPE, fp32 * 1e3, bf16 * 1e3, ratio)
+    """bf16 / fp32 time of a :data:`PROBE_SHAPE` linear on this CPU (median of 9 paired rounds; once per process)."""
+    ratio = _paired_ratio(_linear(torch.float32), _linear(torch.bfloat16), pairs=9)
+    log.info("bf16 probe: %s linear, bf16 / fp32 time %.2f", PROBE_SHAPE, ratio)
     return ratio
 
 
@@ -162,27 +177,26 @@ def auto_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if bf16_probe_ratio() <= PROBE_MAX_RATIO else torch.float32
 
 
-def _fastest_4bit_step_s(compute_dtype: torch.dtype, repeats: int = 3) -> float:
+def _nf4_step(compute_dtype: torch.dtype) -> Callable[[], object]:
     import bitsandbytes as bnb  # only reached when quantizing, which has already checked bitsandbytes is installed
 
     tokens, n_in, n_out = PROBE_SHAPE
     layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=compute_dtype, quant_type="nf4").to("cpu")
     x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(0), requires_grad=True)  # (T, in)
-    best = float("inf")
-    for i in range(repeats + 1):  # the first is a warm-up
-        start = time.perf_counter()
+
+    def run() -> object:
         layer(x).float().sum().backward()  # QLoRA training: forward and the input's gradient through the 4-bit base
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return best
+        return x.grad
+
+    return run
 
 
 @functools.cache
 def bf16_4bit_probe_ratio() -> float:
-    """bf16 / fp32 compute time of a bitsandbytes NF4 layer, forward + backward, at :data:`PROBE_SHAPE` (once)."""
-    fp32, bf16 = _fastest_4bit_step_s(torch.float32), _fastest_4bit_step_s(torch.bfloat16)
-    ratio = bf16 / fp32
-    log.info("bf16 4-bit probe: %.3f ms fp32, %.3f ms bf16 compute (ratio %.2f)", fp32 * 1e3, bf16 * 1e3, ratio)
+    """bf16 / fp32 compute time of a bitsandbytes NF4 layer, forward + backward, at :data:`PROBE_SHAPE`
+    (median of 3 paired rounds, about 2 s on a busy 2-core machine; once per process)."""
+    ratio = _paired_ratio(_nf4_step(torch.float32), _nf4_step(torch.bfloat16), pairs=3)
+    log.info("bf16 4-bit probe: NF4 forward + backward, bf16 / fp32 compute time %.2f", ratio)
     return ratio
 
 
@@ -190,8 +204,9 @@ def auto_4bit_compute_dtype() -> torch.dtype:
     """The compute dtype ``QuantConfig(compute_dtype="auto")`` gives a 4-bit layer on CPU.
 
     As :func:`auto_cpu_dtype`, but the probe times a bitsandbytes NF4 layer's forward and backward: its bf16 path is
-    a different kernel from a dense bf16 matmul, and on some CPUs with AVX512-BF16 it is the slower one (measured on
-    an AMD EPYC: bf16 forward ~6x faster, forward + backward ~2x slower than fp32).
+    a different kernel from a dense bf16 matmul, and it need not win where dense bf16 does (measured on an AMD EPYC
+    with AVX512-BF16 on a loaded machine: bf16 / fp32 for forward + backward between 0.5 and 2.2 from run to run,
+    against 0.40-0.47 for the dense matmul), so it gets its own measurement.
     """
     forced = env_override()
     if forced is not None:
