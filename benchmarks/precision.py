@@ -2,10 +2,10 @@
 
 The step: a random 6-block Llama (hidden 576, FFN 1536, 9 heads / 3 KV heads, vocab 8192), LoRA r16 on q,v, batch
 8x128, AdamW; ``fp32`` vs ``auto`` as the built-in module does it on a CPU where bf16 wins (frozen weights cast to
-bf16 after the surgery, forward under bf16 autocast, adapters and optimizer state fp32). Steps alternate between the
-two models, medians reported.
+bf16 after the surgery, forward under bf16 autocast, adapters and optimizer state fp32), and bf16 frozen weights
+without autocast (the alternative that was not chosen). Steps alternate between the models, medians reported.
 
-    python -m benchmarks.precision      # writes benchmarks/results/precision.{json,md}; about a minute on 2 cores
+    python -m benchmarks.precision      # writes benchmarks/results/precision.{json,md}; a few minutes on 2 busy cores
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _model(frozen: torch.dtype) -> torch.nn.Module:
 
 def _steps(repeats: int, batch: tuple[int, int]) -> dict[str, Any]:
     ids = torch.randint(0, 8192, batch, generator=torch.Generator().manual_seed(0))  # (B, T)
-    runs = {"fp32": (_model(torch.float32), None), "auto (bf16 frozen + autocast)": (_model(torch.bfloat16), torch.bfloat16)}
+    runs = {"fp32": (_model(torch.float32), None), "auto (bf16 frozen + autocast)": (_model(torch.bfloat16), torch.bfloat16),
+            "bf16 frozen, no autocast": (_model(torch.bfloat16), None)}
     times: dict[str, list[float]] = {k: [] for k in runs}
     optims = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, (m, _) in runs.items()}
     for i in range(repeats + 1):  # the first round warms up

@@ -7,9 +7,9 @@ blocks trained by ``LayerFreezing``, every weight in full fine-tuning) stay floa
 optimizer state are float32 too (mixed precision with fp32 master weights; Micikevicius et al. 2018). Casting after
 the trainable set is known keeps trainable weights bit-exact (a bf16 load would round them first).
 
-Autocast (rather than bf16 weights alone) is what lets an fp32 trainable layer sit between bf16 frozen ones; measured
-on an AMD EPYC with AVX512-BF16 it was also the faster variant for LoRA (6-block Llama, hidden 576, batch 8x128, q,v:
-5.96 s/step fp32, 4.97 bf16 weights without autocast, 3.41 with autocast, on a machine loaded by other jobs).
+Autocast (rather than bf16 weights alone) is what lets an fp32 trainable layer sit between bf16 frozen ones; it was
+also the faster variant for LoRA on an AMD EPYC with AVX512-BF16 (``python -m benchmarks.precision``: bf16 weights
+without autocast were about as slow as fp32; see ``benchmarks/results/precision.md``).
 """
 
 from __future__ import annotations
