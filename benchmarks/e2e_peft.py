@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     tracker = Tracker(args.target, args.out)
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)  # fmt: skip
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,  # fmt: skip
+    )
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

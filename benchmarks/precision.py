@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.pop(cpu_precision.ENV_VAR, None)
     doc["auto_picks"] = {"dense": str(cpu_precision.auto_cpu_dtype()), "nf4": str(cpu_precision.auto_4bit_compute_dtype())}
     step = doc["step"]
-    md = [f"# bf16 vs fp32 on this CPU", "", f"Command: `{doc['command']}` — {doc['date']}, {doc['threads']} threads, "
+    md = ["# bf16 vs fp32 on this CPU", "", f"Command: `{doc['command']}` — {doc['date']}, {doc['threads']} threads, "
           f"1-minute load average {doc['load_average_1m']:.1f}.  ", f"CPU: {caps.model_name} (AVX2 {caps.avx2}, "
           f"AVX512-BF16 {caps.avx512_bf16}, AMX {caps.amx}).", "",
           f"- dense linear {tuple(doc['probe_shape'])}, bf16 / fp32 time: {doc['dense_linear_bf16_vs_fp32']:.2f}",
-          f"- NF4 layer forward + backward, bf16 / fp32 compute: "
+          "- NF4 layer forward + backward, bf16 / fp32 compute: "
           + ("n/a" if doc["nf4_fwd_bwd_bf16_vs_fp32"] is None else f"{doc['nf4_fwd_bwd_bf16_vs_fp32']:.2f}"),
           *(f"- LoRA q,v step, {k}: {v:.3f} s" for k, v in step["s_per_step"].items()),
           f"- auto / fp32 step: {step['auto_vs_fp32']:.2f} (median of {step['repeats']})",

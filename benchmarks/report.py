@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 
-
 def _num(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 

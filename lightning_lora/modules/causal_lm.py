@@ -27,7 +27,12 @@ from torchmetrics import MeanMetric, Metric
 
 from lightning_lora.callbacks._model_ready import PRECISION, forget, when_model_ready
 from lightning_lora.modules.loading import DtypeName, load_causal_lm, resolve_dtype
-from lightning_lora.modules.precision import autocast_to, cast_frozen_, frozen_dtype_for_auto, upcast_trainable_
+from lightning_lora.modules.precision import (
+    autocast_to,
+    cast_frozen_,
+    frozen_dtype_for_auto,
+    upcast_trainable_,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

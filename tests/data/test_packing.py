@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_lora.data.instruction import IGNORE_INDEX, InstructionDataModule, collate_examples
+from lightning_lora.data.instruction import (
+    IGNORE_INDEX,
+    InstructionDataModule,
+    collate_examples,
+)
 from lightning_lora.data.packing import collate_packed, pad_fraction
 from lightning_lora.modules.causal_lm import CausalLMModule
 from tests.tiny_lm import build_tiny_causal_lm, save_tiny_causal_lm
@@ -74,7 +79,7 @@ def test_loss_per_example_matches_unpacked_on_a_tiny_llama(tiny_dir: Path) -> No
     bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
 
     def split(full: torch.Tensor) -> list[float]:
-        return [per_example_losses(full[:, a:b], packed["labels"][:, a:b])[0] for a, b in zip(bounds, bounds[1:])]
+        return [per_example_losses(full[:, a:b], packed["labels"][:, a:b])[0] for a, b in itertools.pairwise(bounds)]
 
     assert split(logits) == pytest.approx(reference, abs=1e-5)
     assert split(crossing)[1:] != pytest.approx(reference[1:], abs=1e-3)  # the check can tell rows apart

@@ -73,7 +73,7 @@ def test_bf16_base_with_a_trained_block_keeps_that_block_fp32(tiny_dir: Path, mo
 
 
 def test_fp32_choice_leaves_every_weight_fp32(tiny_dir: Path) -> None:  # the suite pins auto to float32
-    module, trainer = fit(tiny_dir, LoRAFinetuning(LoRAConfig(r=4, targets=["q_proj"])), steps=1)
+    module, _ = fit(tiny_dir, LoRAFinetuning(LoRAConfig(r=4, targets=["q_proj"])), steps=1)
     assert module.frozen_dtype is None
     assert {p.dtype for p in module.model.parameters()} == {torch.float32}
 

@@ -10,7 +10,13 @@ import torch
 
 from lightning_lora import QuantConfig
 from lightning_lora.surgery import cpu_precision
-from lightning_lora.surgery.cpu_precision import ENV_VAR, CpuCapabilities, auto_cpu_dtype, auto_dtype, cpu_capabilities
+from lightning_lora.surgery.cpu_precision import (
+    ENV_VAR,
+    CpuCapabilities,
+    auto_cpu_dtype,
+    auto_dtype,
+    cpu_capabilities,
+)
 
 
 def caps(native: bool) -> CpuCapabilities:
