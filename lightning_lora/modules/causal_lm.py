@@ -31,6 +31,7 @@ from lightning_lora.modules.precision import (
     autocast_to,
     cast_frozen_,
     frozen_dtype_for_auto,
+    to_float32_,
     upcast_trainable_,
 )
 
@@ -93,9 +94,9 @@ def _apply_auto_precision(module: CausalLMModule) -> None:
     n = cast_frozen_(model, dtype)
     module.frozen_dtype = dtype
     name = str(dtype).removeprefix("torch.")
-    rank_zero_info(f"dtype=auto: frozen weights in {name} ({n / 1e6:.1f}M elements), forward under {name} autocast; "
-                   "trainable weights and optimizer state float32. HINT: --model.dtype float32 (or "
-                   "LIGHTNING_LORA_AUTO_DTYPE=float32) keeps everything float32")
+    rank_zero_info(f"dtype=auto: forward under {name} autocast, frozen weights stored in {name} ({n / 1e6:.1f}M "
+                   "elements) until training ends; trainable weights and optimizer state float32. HINT: "
+                   "--model.dtype float32 (or LIGHTNING_LORA_AUTO_DTYPE=float32) keeps everything float32")
 
 
 class CausalLMModule(L.LightningModule):
@@ -167,6 +168,12 @@ class CausalLMModule(L.LightningModule):
         """Keep trainable weights float32: a block unfrozen mid-run (``LayerFreezing`` schedule) is upcast here."""
         if self.frozen_dtype is not None and self.model is not None:
             upcast_trainable_(self.model)
+
+    def on_train_end(self) -> None:
+        """With ``dtype="auto"`` in bf16: frozen weights back to float32 (their bf16 values) for merging / export."""
+        if self.frozen_dtype is not None and self.model is not None:
+            to_float32_(self.model)
+            self.frozen_dtype = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model; returns its output (with ``.loss`` when ``labels`` is given)."""

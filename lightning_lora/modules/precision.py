@@ -7,6 +7,11 @@ blocks trained by ``LayerFreezing``, every weight in full fine-tuning) stay floa
 optimizer state are float32 too (mixed precision with fp32 master weights; Micikevicius et al. 2018). Casting after
 the trainable set is known keeps trainable weights bit-exact (a bf16 load would round them first).
 
+When training ends the frozen weights go back to float32 (holding their bf16-rounded values), before ``on_fit_end``
+callbacks such as ``MergeAndExport`` run: a merge then adds the fp32 adapter update to exactly the base the model
+trained with, without rounding the update to bf16, and the merged model has one dtype throughout (a dequantized
+4-bit base is float32, which would not mix with bf16 embeddings outside autocast).
+
 Autocast (rather than bf16 weights alone) is what lets an fp32 trainable layer sit between bf16 frozen ones; it was
 also the faster variant for LoRA on an AMD EPYC with AVX512-BF16 (``python -m benchmarks.precision``: bf16 weights
 without autocast were about as slow as fp32; see ``benchmarks/results/precision.md``).
@@ -45,6 +50,20 @@ def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
     for param in model.parameters():
         if type(param) is nn.Parameter and not param.requires_grad and param.dtype == torch.float32:
             param.data = param.data.to(dtype)
+            n += param.numel()
+    return n
+
+
+def to_float32_(model: nn.Module) -> int:
+    """Cast, in place, every plain bf16 / fp16 parameter (frozen or not) back to float32 (their rounded values).
+
+    Returns:
+        How many elements were cast.
+    """
+    n = 0
+    for param in model.parameters():
+        if type(param) is nn.Parameter and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
             n += param.numel()
     return n
 

@@ -26,6 +26,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
 
 
+class DuringTraining(L.Callback):
+    """Snapshot parameter and optimizer-state dtypes, and the module's autocast dtype, after the last step."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.params = {n: p.dtype for n, p in pl_module.model.named_parameters()}
+        self.trainable = {n for n, p in pl_module.model.named_parameters() if p.requires_grad}
+        self.state = optimizer_state_dtypes(trainer)
+        self.frozen_dtype = pl_module.frozen_dtype
+
+
 def fit(tiny_dir: Path, *callbacks: L.Callback, steps: int = 2) -> tuple[CausalLMModule, L.Trainer]:
     module = CausalLMModule(model=str(tiny_dir), max_new_tokens=2)
     data = InstructionDataModule(str(DATES / "train.jsonl"), str(DATES / "val.jsonl"), tokenizer=str(tiny_dir),
@@ -45,15 +55,19 @@ def optimizer_state_dtypes(trainer: L.Trainer) -> set[torch.dtype]:
 def test_bf16_base_keeps_adapters_and_optimizer_state_fp32(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_VAR, "bfloat16")  # what auto picks on a CPU with fast bf16
     torch.manual_seed(0)
-    module, trainer = fit(tiny_dir, LoRAFinetuning(LoRAConfig(r=4, targets=["q_proj", "v_proj"])))
-    assert module.frozen_dtype == torch.bfloat16
+    seen = DuringTraining()
+    module, trainer = fit(tiny_dir, LoRAFinetuning(LoRAConfig(r=4, targets=["q_proj", "v_proj"])), seen)
+    assert seen.frozen_dtype == torch.bfloat16
+    adapters = {n for n in seen.params if "lora_" in n}
+    assert adapters and adapters == seen.trainable and all(seen.params[n] == torch.float32 for n in adapters)
+    assert all(dtype == torch.bfloat16 for n, dtype in seen.params.items() if n not in adapters)
+    assert seen.state == {torch.float32}
     params = dict(module.model.named_parameters())
-    adapters = {n: p for n, p in params.items() if "lora_" in n}
-    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters.values())
-    frozen = {n: p for n, p in params.items() if not p.requires_grad}
-    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
-    assert optimizer_state_dtypes(trainer) == {torch.float32}
-    assert any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)  # B starts at 0: it trained
+    assert any(params[n].abs().sum() > 0 for n in adapters if "lora_B" in n)  # B starts at 0: it trained
+    # After training the frozen weights are float32 again, holding exactly their bf16 values (for merge / export).
+    assert module.frozen_dtype is None and {p.dtype for p in params.values()} == {torch.float32}
+    reference = dict(build_tiny_causal_lm()[0].named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(params["model.layers.0.mlp.up_proj.weight"], reference.to(torch.bfloat16).float())
     assert math.isfinite(trainer.callback_metrics["train_loss"].item())
     assert 0.0 <= trainer.callback_metrics["val_exact_match"].item() <= 1.0  # generation ran under autocast
 
@@ -61,11 +75,12 @@ def test_bf16_base_keeps_adapters_and_optimizer_state_fp32(tiny_dir: Path, monke
 def test_bf16_base_with_a_trained_block_keeps_that_block_fp32(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_VAR, "bfloat16")
     reference, _ = build_tiny_causal_lm()  # the saved weights, to check the trained block was never rounded
-    module, trainer = fit(tiny_dir, LayerFreezing(blocks="-1:", module="model"), steps=1)
+    seen = DuringTraining()
+    module, _ = fit(tiny_dir, LayerFreezing(blocks="-1:", module="model"), seen, steps=1)
     trained = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-    assert trained and all(".layers.1." in n and p.dtype == torch.float32 for n, p in trained.items())
-    assert optimizer_state_dtypes(trainer) == {torch.float32}
-    assert module.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert trained and all(".layers.1." in n and seen.params[n] == torch.float32 for n in trained)
+    assert seen.state == {torch.float32}
+    assert seen.params["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
     # fp32 master weights: one AdamW step from the exact fp32 values (lr 2e-4 moves each weight by at most ~2e-4).
     before = dict(reference.named_parameters())["model.layers.1.mlp.up_proj.weight"]
     after = trained["model.layers.1.mlp.up_proj.weight"]
