@@ -9,7 +9,7 @@ bf16 and it is about 10x *slower*. So the choice is made at run time:
    that their results do not depend on the machine.
 2. Without native bf16 instructions (AMX tiles or AVX512-BF16, read from torch's CPU feature detection) -> fp32,
    with no timing at all.
-3. With them, a short timed probe (a few ms, once per process) confirms bf16 is faster at LLM-sized shapes. Flags
+3. With them, a short timed probe (well under a second, once per process) confirms bf16 is faster at LLM-sized shapes. Flags
    alone are not enough: AMX needs the OS to grant tile state, torch's bf16 kernels may not use the instructions
    for a given build, and an implementation with narrow bf16 units could be no faster; only a measurement says.
    The probe runs the two dtypes back to back in alternating order and takes the median of the paired ratios (a
@@ -209,8 +209,8 @@ def auto_4bit_compute_dtype() -> torch.dtype:
 
     As :func:`auto_cpu_dtype`, but the probe times a bitsandbytes NF4 layer's forward and backward: its bf16 path is
     a different kernel from a dense bf16 matmul, and it need not win where dense bf16 does (measured on an AMD EPYC
-    with AVX512-BF16 on a loaded machine: bf16 / fp32 for forward + backward between 0.5 and 2.2 from run to run,
-    against 0.40-0.47 for the dense matmul), so it gets its own measurement.
+    with AVX512-BF16 on a loaded machine: bf16 / fp32 for forward + backward between 0.24 and 2.2 from run to run,
+    against 0.38-0.50 for the dense matmul), so it gets its own measurement.
     """
     forced = env_override()
     if forced is not None:

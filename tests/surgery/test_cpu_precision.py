@@ -91,6 +91,8 @@ def test_a_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_capabilities_match_the_kernel_flags_and_the_probe_measures() -> None:
+    # torch's private feature probes; if an upgrade moves them, /proc/cpuinfo still answers, but say so here.
+    assert all(hasattr(torch.cpu, f"_is_{n}_supported") for n in ("avx2", "avx512", "avx512_bf16", "amx_tile"))
     found = cpu_capabilities()
     assert found.model_name and found.torch_capability == torch.backends.cpu.get_cpu_capability()
     flags = cpu_precision._proc_cpuinfo_flags()
