@@ -9,12 +9,12 @@ bf16 and it is about 10x *slower*. So the choice is made at run time:
    that their results do not depend on the machine.
 2. Without native bf16 instructions (AMX tiles or AVX512-BF16, read from torch's CPU feature detection) -> fp32,
    with no timing at all.
-3. With them, a short timed probe (well under a second, once per process) confirms bf16 is faster at LLM-sized shapes. Flags
-   alone are not enough: AMX needs the OS to grant tile state, torch's bf16 kernels may not use the instructions
-   for a given build, and an implementation with narrow bf16 units could be no faster; only a measurement says.
-   The probe runs the two dtypes back to back in alternating order and takes the median of the paired ratios (a
-   load spike on a shared machine hits both sides of a pair), and asks for a clear margin (bf16 <= 0.8x fp32), so
-   a noisy machine does not flip the decision back and forth.
+3. With them, a short timed probe (well under a second, once per process) confirms bf16 is faster at LLM-sized
+   shapes. Flags alone are not enough: AMX needs the OS to grant tile state, torch's bf16 kernels may not use the
+   instructions for a given build, and an implementation with narrow bf16 units could be no faster; only a
+   measurement says. The probe runs the two dtypes back to back in alternating order and takes the median of the
+   paired ratios (a load spike on a shared machine hits both sides of a pair), and asks for a clear margin
+   (bf16 <= 0.8x fp32), so a noisy machine does not flip the decision back and forth.
 
 Small matmuls (e.g. 128x64 @ 64x64) stay faster in fp32 even on such CPUs; the probe's shape is that of a small
 LLM's projection, which is what the frozen base runs.
