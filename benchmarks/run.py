@@ -58,6 +58,13 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}, no GPU"
 
 
+def _cpu() -> dict[str, Any]:
+    """The CPU's model name and AVX2 / AVX-512 / AVX512-BF16 / AMX flags, as torch detects them."""
+    from lightning_lora.surgery.quant.cpu_precision import cpu_capabilities
+
+    return cpu_capabilities().as_dict()
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for pkg in PACKAGES:
@@ -127,7 +134,7 @@ def run(mode: Mode, out: Path, threads: int, only: list[str] | None = None, impo
     files = analysis.file_rows(records)
     meta = {"mode": mode.name, "command": command or f"python -m benchmarks.run --{mode.name}",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": _machine(), "versions": _versions(), "threads": threads, "batch": list(mode.batch),
+            "machine": _machine(), "cpu": _cpu(), "versions": _versions(), "threads": threads, "batch": list(mode.batch),
             "repeats": mode.repeats, "warmup": mode.warmup, "models": models, "notes": notes,
             "wall_s": time.perf_counter() - start}
     doc = {"meta": meta, "goals": goals.check_goals(train, infer, files, import_results), "training": train,

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype="auto" / QuantConfig(compute_dtype="auto") pick bf16 on CPUs with fast bf16 matmuls: pin float32 so that test
+# results do not depend on the machine (subprocess tests inherit it). Tests of the decision itself unset it.
+os.environ["LIGHTNING_LORA_AUTO_DTYPE"] = "float32"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -51,6 +51,10 @@ def test_smoke_run_checks_goals_and_renders_markdown(smoke: tuple) -> None:
     assert md.startswith("# Benchmarks: lightning-lora vs PEFT (smoke)")
     assert "| LoRA r16 q_proj,v_proj | ours |" in md and "| LoRA r16 q_proj,v_proj | peft |" in md
     assert "python -m benchmarks.run --smoke" in md
+    cpu = doc["meta"]["cpu"]
+    assert {"model_name", "avx2", "avx512_bf16", "amx", "native_bf16"} <= set(cpu)
+    assert f"CPU capabilities: {cpu['model_name']}: AVX2 {'yes' if cpu['avx2'] else 'no'}" in md
+    assert "measured before" not in md and "What limits" not in md  # only figures measured in this run
 
 
 def test_run_rejects_a_missing_mode() -> None:

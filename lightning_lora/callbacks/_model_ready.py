@@ -23,6 +23,7 @@ _STATE_ATTR = "_lightning_lora_model_ready"
 LORA = 10
 FREEZING = 20
 CHECKPOINTING = 30
+PRECISION = 40  # the built-in module's dtype="auto": casts what is frozen, so it runs after everything that freezes
 
 
 def when_model_ready(pl_module: nn.Module, key: str, priority: int, action: Callable[[Any], None]) -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from lightning_lora.data.jsonl import Conversation, read_instruction_file
 from lightning_lora.data.rendering import render_completion, render_prompt
+from lightning_lora.data.packing import collate_packed, pad_fraction
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -180,6 +181,11 @@ class InstructionDataModule(L.LightningDataModule):
             :mod:`lightning_lora.data.replay`). Default: None (no replay).
         replay_ratio: Share of replay examples in each training epoch, in [0, 1); drawn anew each epoch, seeded.
             The realised ratio (after rounding) is logged and kept in ``replay_report``. Default: ``0.1``.
+        packing: Train on packed batches: each batch's rows concatenated into one sequence with position ids
+            restarting per row and no attention mask (transformers' padding-free convention), so no padding is
+            computed; same rows per step and same loss as unpacked. The model must support it (Llama-family
+            models in transformers do; the built-in module passes ``use_cache=False``, without which rows would
+            attend to each other). Validation stays unpacked. Default: False.
 
     Example:
         >>> dm = InstructionDataModule("examples/data/dates/train.jsonl", "examples/data/dates/val.jsonl",
@@ -202,6 +208,7 @@ class InstructionDataModule(L.LightningDataModule):
         max_eval_samples: int | None = None,
         replay: str | None = None,
         replay_ratio: float = 0.1,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         _validate_args(val_fraction, max_length, batch_size, eval_batch_size, num_workers, max_eval_samples)
@@ -214,6 +221,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.tokenizer_name, self.use_chat_template = tokenizer, use_chat_template
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.num_workers, self.seed, self.max_eval_samples = num_workers, seed, max_eval_samples
+        self.packing = packing
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_records: list[Conversation] | None = None
         self.val_records: list[Conversation] = []
@@ -240,13 +248,33 @@ class InstructionDataModule(L.LightningDataModule):
         self.val_examples = self._tokenize(self.val_records, "val")
         if self.replay:
             self.replay_examples = self._tokenize(self._replay_records(), "replay")
+        if self.train_examples:
+            stats = self.padding_stats()
+            log.info("training batches: %.1f%% of computed tokens are padding unpacked, %.1f%% packed (%s)",
+                     100 * stats["unpacked"], 100 * stats["packed"], "packing on" if self.packing else "packing off")
+
+    def padding_stats(self) -> dict[str, float]:
+        """Fraction of padding among the tokens of the first epoch's training batches, unpacked and packed.
+
+        Returns:
+            ``{"unpacked": ..., "packed": ...}``, each in [0, 1) (packed is 0: packed batches have no padding).
+        """
+        order = list(torch.utils.data.RandomSampler(self.train_examples, generator=self._train_generator()))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        lengths = [len(e.input_ids) for e in self.train_examples]
+        return {"unpacked": pad_fraction(lengths, batches, False), "packed": pad_fraction(lengths, batches, True)}
+
+    def _train_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches: ``input_ids``, ``attention_mask``, ``labels``."""
+        """Shuffled (seeded) training batches: ``input_ids``, ``attention_mask``, ``labels``; packed:
+        ``input_ids``, ``labels``, ``position_ids`` of shape ``(1, tokens in the batch)`` (see ``packing``)."""
+        # Packed or not, the same sampler gives the same rows per batch; only the collation differs.
         if self.replay_examples and self.replay_ratio > 0:
             return self._replay_loader()
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_examples, self.batch_size, False, shuffle=True, generator=generator)
+        return self._loader(self.train_examples, self.batch_size, False, shuffle=True,
+                            generator=self._train_generator(), packed=self.packing)
 
     def _replay_records(self) -> list[Conversation]:
         from lightning_lora.data.replay import self_replay_records
@@ -263,7 +291,8 @@ class InstructionDataModule(L.LightningDataModule):
                               "pool": len(self.replay_examples), "ratio": sampler.realised_ratio}
         log.info("replay: %d of %d examples per epoch from a pool of %d (realised ratio %.4f, asked %.4f)",
                  sampler.n_replay, len(sampler), len(self.replay_examples), sampler.realised_ratio, self.replay_ratio)
-        return self._loader(self.train_examples + self.replay_examples, self.batch_size, False, sampler=sampler)
+        return self._loader(self.train_examples + self.replay_examples, self.batch_size, False, sampler=sampler,
+                            packed=self.packing)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches: the training keys plus ``gen_input_ids``, ``gen_attention_mask``, ``answers``."""
@@ -324,11 +353,12 @@ class InstructionDataModule(L.LightningDataModule):
         return examples
 
     def _loader(
-        self, examples: list[TokenizedExample], batch_size: int, with_generation: bool, **kwargs: Any
+        self, examples: list[TokenizedExample], batch_size: int, with_generation: bool, packed: bool = False,
+        **kwargs: Any,
     ) -> DataLoader:
         if self.tokenizer is None:
             raise RuntimeError("call setup() before asking for dataloaders: the data is not tokenised yet")
-        collate = functools.partial(
+        collate = collate_packed if packed else functools.partial(
             collate_examples, pad_token_id=self.tokenizer.pad_token_id, with_generation=with_generation
         )
         return DataLoader(examples, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate, **kwargs)

@@ -22,9 +22,18 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, Metric
 
+from lightning_lora.callbacks._model_ready import PRECISION, forget, when_model_ready
 from lightning_lora.modules.loading import DtypeName, load_causal_lm, resolve_dtype
+from lightning_lora.modules.precision import (
+    autocast_to,
+    cast_frozen_,
+    frozen_dtype_for_auto,
+    to_float32_,
+    upcast_trainable_,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,14 +71,46 @@ class ExactMatch(Metric):
         return self.correct / self.total.clamp(min=1)
 
 
+_AUTO_PRECISION_KEY = "lightning_lora.modules.precision"
+
+
+def _rows_in(batch: dict[str, Any]) -> int:
+    """Examples in a batch: its rows, or in a packed batch the number of row starts (position id 0)."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return int((batch["position_ids"] == 0).sum())
+    return int(batch["input_ids"].shape[0])
+
+
+def _apply_auto_precision(module: CausalLMModule) -> None:
+    # Runs after LoRA surgery and freezing (priority PRECISION), before the strategy wraps the model and builds
+    # the optimizer: parameter dtypes must be final by then (DDP buckets gradients by dtype).
+    model = module._require_model()
+    if next(model.parameters()).dtype != torch.float32:
+        return  # a *-true Lightning precision set another default dtype for the load: leave it as it is
+    dtype = frozen_dtype_for_auto(model)
+    if dtype == torch.float32:
+        rank_zero_info("dtype=auto: float32 (this machine has no faster bf16 matmul)")
+        return
+    n = cast_frozen_(model, dtype)
+    module.frozen_dtype = dtype
+    name = str(dtype).removeprefix("torch.")
+    rank_zero_info(f"dtype=auto: forward under {name} autocast, frozen weights stored in {name} ({n / 1e6:.1f}M "
+                   "elements) until training ends; trainable weights and optimizer state float32. HINT: "
+                   "--model.dtype float32 (or LIGHTNING_LORA_AUTO_DTYPE=float32) keeps everything float32")
+
+
 class CausalLMModule(L.LightningModule):
     """Fine-tune a causal LM on instruction batches (loss on answer tokens) and score greedy answers.
 
     Args:
         model: Model alias (``"smollm2-135m-instruct"``, the bundled 135M model), a local directory written
             by ``save_pretrained``, or a hub name ``org/name``. Default: ``"smollm2-135m-instruct"``.
-        dtype: Weight dtype: ``auto`` (float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
-            Default: ``"auto"``.
+        dtype: Weight dtype. ``auto``: load in float32; once LoRA / freezing have decided what trains, store the
+            *frozen* weights in bfloat16 and run under bf16 autocast if this machine's bf16 matmuls are faster
+            (CPUs with AMX / AVX512-BF16, confirmed by a timed probe; bf16-capable CUDA), trainable weights and
+            optimizer state staying float32; otherwise everything float32. ``float32``, ``bfloat16`` or
+            ``float16``: every weight (trainable ones too) in that dtype, no autocast. The environment variable
+            ``LIGHTNING_LORA_AUTO_DTYPE=float32|bfloat16`` forces what ``auto`` picks. Default: ``"auto"``.
         optimizer: Builds the optimizer from the trainable parameters. Default: AdamW, lr 2e-4.
         scheduler: Builds a learning-rate scheduler from the optimizer, stepped every training step.
             Default: None.
@@ -100,6 +141,8 @@ class CausalLMModule(L.LightningModule):
         self.exact_match = exact_match
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._packing_checked = False
+        self.frozen_dtype: torch.dtype | None = None  # set by dtype="auto" once the trainable set is known
         self.val_loss_mean = MeanMetric()
         self.val_exact_match = ExactMatch()
 
@@ -112,15 +155,48 @@ class CausalLMModule(L.LightningModule):
         # leave dropout (LoRA's included) off during training.
         self.model.train(self.training)
 
+    def setup(self, stage: str) -> None:
+        """With ``dtype="auto"``, arrange for the frozen weights to be cast after the callbacks' surgery."""
+        if self.load_dtype == "auto":
+            when_model_ready(self, _AUTO_PRECISION_KEY, PRECISION, _apply_auto_precision)
+
+    def teardown(self, stage: str) -> None:
+        """Unregister what :meth:`setup` registered."""
+        forget(self, _AUTO_PRECISION_KEY)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Keep trainable weights float32: a block unfrozen mid-run (``LayerFreezing`` schedule) is upcast here."""
+        if self.frozen_dtype is not None and self.model is not None:
+            upcast_trainable_(self.model)
+
+    def on_train_end(self) -> None:
+        """With ``dtype="auto"`` in bf16: frozen weights back to float32 (their bf16 values) for merging / export."""
+        if self.frozen_dtype is not None and self.model is not None:
+            to_float32_(self.model)
+            self.frozen_dtype = None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model; returns its output (with ``.loss`` when ``labels`` is given)."""
-        return self._require_model()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        model = self._require_model()
+        with autocast_to(self.frozen_dtype, self.device):
+            return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Causal-LM loss on the answer tokens; logs ``train_loss``."""
+        if "position_ids" in batch and not self._packing_checked:
+            self._check_packing()
         loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train_loss", loss, prog_bar=True, batch_size=_rows_in(batch))
         return loss
+
+    def _check_packing(self) -> None:
+        from lightning_lora.data.packing import packing_problems
+
+        problems = packing_problems(self._require_model())
+        if problems:
+            raise ValueError("packed batches (InstructionDataModule(packing=True)) cannot train this model:\n  - "
+                             + "\n  - ".join(problems) + "\nHINT: set --data.packing false")
+        self._packing_checked = True
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Accumulate the token-weighted loss and, if the batch has ``answers``, greedy exact match."""
@@ -187,13 +263,14 @@ class CausalLMModule(L.LightningModule):
             One decoded string per prompt, special tokens removed.
         """
         model, tokenizer = self._require_model(), self.tokenizer
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # (B, T + new)
+        with autocast_to(self.frozen_dtype, self.device):
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (B, T + new)
         return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
 
     def evaluate_exact_match(self, dataloader: Iterable[dict[str, Any]]) -> float:
@@ -225,8 +302,13 @@ class CausalLMModule(L.LightningModule):
         return float(metric.compute())
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        # HF shifts the labels and averages cross-entropy over the non-(-100) ones: the answer tokens.
-        return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+        # HF shifts the labels and averages cross-entropy over the non-(-100) ones: the answer tokens. No cache in
+        # training: none is needed, and transformers only keeps packed rows (position_ids, no attention mask, see
+        # lightning_lora/data/packing.py) apart when there is none.
+        kwargs: dict[str, Any] = {"labels": batch["labels"], "use_cache": False}
+        if "position_ids" in batch:
+            kwargs["position_ids"] = batch["position_ids"]
+        return self(batch["input_ids"], batch.get("attention_mask"), **kwargs).loss
 
     def _require_model(self) -> PreTrainedModel:
         if self.model is None:

@@ -73,9 +73,10 @@ def resolve_model_path(name_or_path: str) -> str:
 def resolve_dtype(dtype: str) -> torch.dtype:
     """Map a dtype name to a ``torch.dtype``.
 
-    ``"auto"`` is ``torch.get_default_dtype()``: float32, unless a Lightning ``*-true`` precision has set
-    another default around ``configure_model``. CPUs without AMX run bf16 matmuls ~10x slower than fp32, so
-    float32 is the right default there.
+    ``"auto"`` is the dtype to *load* in: ``torch.get_default_dtype()``, i.e. float32 unless a Lightning ``*-true``
+    precision has set another default around ``configure_model``. Whether the frozen weights then move to bf16 is
+    decided later, once it is known which weights train: see :mod:`lightning_lora.modules.precision` (the built-in
+    module) and :func:`lightning_lora.surgery.quant.cpu_precision.auto_dtype` (how this machine is judged).
 
     Raises:
         ValueError: If ``dtype`` is not one of ``auto``, ``float32``, ``bfloat16``, ``float16``.
@@ -128,7 +129,7 @@ def load_causal_lm(name_or_path: str, dtype: DtypeName = "auto") -> tuple[PreTra
     Args:
         name_or_path: An alias (``"smollm2-135m-instruct"``, ``"smollm2"``), a local directory written by
             ``save_pretrained``, or a hub name ``org/name``.
-        dtype: Weight dtype; ``"auto"`` is float32 on CPU (see :func:`resolve_dtype`). Default: ``"auto"``.
+        dtype: Weight dtype to load in; ``"auto"`` loads float32 (see :func:`resolve_dtype`). Default: ``"auto"``.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token and the model's generation config knows it.

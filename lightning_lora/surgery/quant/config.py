@@ -33,9 +33,10 @@ class QuantConfig(ConfigDict):
             parameter saved, NF4 then costs about 4.13 bits per parameter. Default: True.
         blocksize: Weights per quantization block, one scale each: one of 32, 64, 128, 256, 512, 1024, 2048, 4096.
             Smaller blocks are more accurate and cost more scales. Default: 64.
-        compute_dtype: dtype of the matmul: ``"auto"`` (bfloat16 on CUDA, float16 on GPUs without bf16, float32 on
-            CPU, where bf16 matmuls are about 10x slower), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-            Default: ``"auto"``.
+        compute_dtype: dtype of the matmul: ``"auto"`` (bfloat16 on CUDA, float16 on GPUs without bf16; on CPU
+            bfloat16 where a timed probe of a 4-bit layer's forward + backward finds it faster, which needs AMX or
+            AVX512-BF16, else float32: see :func:`~lightning_lora.surgery.quant.cpu_precision.auto_4bit_compute_dtype`),
+            ``"float32"``, ``"bfloat16"`` or ``"float16"``. Default: ``"auto"``.
         quant_storage: dtype of the tensor that stores the packed 4-bit values. ``"uint8"`` for single-device and DDP;
             for FSDP, the dtype of the other parameters (e.g. ``"bfloat16"``) so that it can shard them together.
             Default: ``"uint8"``.
@@ -74,6 +75,10 @@ class QuantConfig(ConfigDict):
             return getattr(torch, self.compute_dtype)
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            from lightning_lora.surgery.quant.cpu_precision import auto_4bit_compute_dtype
+
+            return auto_4bit_compute_dtype()
         return torch.float32
 
     @property
