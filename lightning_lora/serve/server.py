@@ -77,10 +77,11 @@ class ServeConfig:
 class LoRAServeAPI(ls.LitAPI):
     """The LitAPI: loads the model and adapters in the inference worker and runs control operations there."""
 
-    def __init__(self, config: ServeConfig, spec: ServeSpec) -> None:
+    def __init__(self, config: ServeConfig, spec: ServeSpec, log_level: str = "info") -> None:
         super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout,
                          api_path="/v1/completions", stream=True, loop=ContinuousBatchingLoop(), spec=spec)
         self.config = config
+        self.log_level = log_level
         self.engine = None
 
     def setup(self, device: str) -> None:
@@ -89,6 +90,7 @@ class LoRAServeAPI(ls.LitAPI):
         from lightning_lora.modules.loading import load_causal_lm
         from lightning_lora.serve.engine import Engine
 
+        configure_logging(self.log_level)  # this is a fresh (spawned) process
         model, tokenizer = load_causal_lm(self.config.model, self.config.dtype)
         model = model.to(device).eval()
         if self.config.quantize is not None:
@@ -129,7 +131,18 @@ class LoRAServeAPI(ls.LitAPI):
         raise NotImplementedError
 
 
-def build_server(config: ServeConfig) -> ls.LitServer:
+def configure_logging(level: str) -> None:
+    """Send this package's log records (adapter loads, cancelled rows) to stderr at ``level``."""
+    package = logging.getLogger("lightning_lora")
+    package.setLevel(level.upper())
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.propagate = False  # LitServe configures the root logger too: do not print twice
+
+
+def build_server(config: ServeConfig, log_level: str = "info") -> ls.LitServer:
     """Check the model and adapters, then build the LitServer (nothing is loaded into memory yet).
 
     Raises:
@@ -149,7 +162,7 @@ def build_server(config: ServeConfig) -> ls.LitServer:
         adapters[name] = str(check_adapter_dir(adapter_path, config.adapter_root))
     config = ServeConfig(**{**config.__dict__, "adapters": adapters})
     spec = ServeSpec(tokenizer, config.name, path, max_context, adapters, config.adapter_root)
-    server = ls.LitServer(LoRAServeAPI(config, spec), accelerator="auto", devices=1, timeout=False)
+    server = ls.LitServer(LoRAServeAPI(config, spec, log_level), accelerator="auto", devices=1, timeout=False)
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.uvicorn_graceful_timeout = 5  # open streams get 5 s to finish at shutdown, not LitServe's 30
     return server
@@ -166,7 +179,8 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, l
                          f"the default) or 0.0.0.0 (every interface, put it behind a proxy with --api_key)")
     if not 1024 <= port <= 65535:
         raise ValueError(f"port={port!r} must be between 1024 and 65535")
-    server = build_server(config)
+    configure_logging(log_level)
+    server = build_server(config, log_level)
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _interrupt)  # a graceful shutdown (LitServe handles KeyboardInterrupt)
