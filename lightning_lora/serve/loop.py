@@ -39,6 +39,7 @@ class ContinuousBatchingLoop(LitLoop):
     def __init__(self) -> None:
         super().__init__()
         self.routes: dict[str, int] = {}  # uid -> response queue (HTTP process) of a running request
+        self.held: dict[str, list[str]] = {}  # uid -> text so far, for rows whose client does not stream
 
     def run(self, lit_api: Any, device: str, worker_id: int, request_queue: Queue, transport: Any,
             workers_setup_status: dict, callback_runner: Any) -> None:
@@ -53,6 +54,7 @@ class ContinuousBatchingLoop(LitLoop):
         except Exception as err:  # a failing forward: every row of that batch gets the error, the server goes on
             log.exception("decode step failed")
             for uid in engine.fail_all():
+                self.held.pop(uid, None)
                 self._reply(transport, uid, {"error": f"internal error in the model: {err}", "status": 500})
             return
         for out in outputs:
@@ -87,12 +89,15 @@ class ContinuousBatchingLoop(LitLoop):
         op = payload.get("op")
         if op == "generate":
             self.routes[uid] = response_queue_id
+            if not payload.get("stream", True):
+                self.held[uid] = []
             lit_api.engine.submit(uid, payload["request"])
         elif op == "cancel":
             target = payload["target"]
             if lit_api.engine.cancel(target) is not None:
                 log.info("request %s cancelled (client went away)", target)
             self.routes.pop(target, None)
+            self.held.pop(target, None)
         elif op in ("load", "unload"):
             self.routes[uid] = response_queue_id
             self._reply(transport, uid, lit_api.control(op, payload))
@@ -104,6 +109,12 @@ class ContinuousBatchingLoop(LitLoop):
     def _send_output(self, transport: Any, out: RowOutput) -> None:
         if out.uid not in self.routes:
             return  # cancelled
+        held = self.held.get(out.uid)
+        if held is not None:  # a non-streaming client: one message with the whole text, at the end
+            held.append(out.text)
+            if out.finish_reason is None:
+                return
+            out.text = "".join(self.held.pop(out.uid))
         data = {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                 "completion_tokens": out.completion_tokens}
         if out.finish_reason is not None:

@@ -130,10 +130,12 @@ class ServeSpec(LitSpec):
             parsed = self.validator.parse(body, kind)
         except ServeError as err:
             return JSONResponse(err.body(), err.status)
-        uid, messages = self._submit({"op": "generate", "request": parsed.generation})
+        # A non-streaming row gets one message, at its end; the HTTP process polls for a client that went away.
+        payload = {"op": "generate", "request": parsed.generation, "stream": parsed.stream}
+        _, messages = self._submit(payload, None if parsed.stream else request)
         if parsed.stream:
             return StreamingResponse(self._stream(parsed, messages), media_type="text/event-stream")
-        return await self._collect(parsed, messages, request)
+        return await self._collect(parsed, messages)
 
     async def _stream(self, parsed: ParsedRequest, messages: AsyncIterator[dict]) -> AsyncIterator[str]:
         rid, model, kind = new_id(parsed.kind), parsed.model, parsed.kind
@@ -153,36 +155,43 @@ class ServeSpec(LitSpec):
             yield usage_chunk(kind, rid, model, (last["prompt_tokens"], last["completion_tokens"]))
         yield "data: [DONE]\n\n"
 
-    async def _collect(self, parsed: ParsedRequest, messages: AsyncIterator[dict], request: Request) -> Response:
+    async def _collect(self, parsed: ParsedRequest, messages: AsyncIterator[dict]) -> Response:
         parts, last = [], {}
-        async for last in messages:
-            if "error" in last:
-                err = ServeError(last["error"], last.get("status", 500))
-                return JSONResponse(err.body(), err.status)
-            parts.append(last["text"])
-            if await request.is_disconnected():
-                await messages.aclose()  # sends the cancel
-                return Response(status_code=499)
+        try:
+            async for last in messages:
+                if "error" in last:
+                    err = ServeError(last["error"], last.get("status", 500))
+                    return JSONResponse(err.body(), err.status)
+                parts.append(last["text"])
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the row was cancelled
+        if not last:
+            return Response(status_code=499)
         body = full_response(parsed.kind, new_id(parsed.kind), parsed.model, "".join(parts), last["finish_reason"],
                              (last["prompt_tokens"], last["completion_tokens"]))
         return JSONResponse(body)
 
     # ------------------------------------------------------------------------------------------------ the queue
-    def _submit(self, payload: dict) -> tuple[str, AsyncIterator[dict]]:
-        """Put ``payload`` on the worker's queue; return its id and the iterator over its replies."""
+    def _submit(self, payload: dict, request: Request | None = None) -> tuple[str, AsyncIterator[dict]]:
+        """Put ``payload`` on the worker's queue; return its id and the iterator over its replies.
+
+        With ``request``, the iterator also checks every half second whether that client is still connected, and
+        raises :class:`ClientGone` (after cancelling the row) when it is not.
+        """
         uid = uuid.uuid4().hex
         queue: deque = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
-        return uid, self._replies(uid, queue, event)
+        return uid, self._replies(uid, queue, event, request)
 
-    async def _replies(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[dict]:
+    async def _replies(self, uid: str, queue: deque, event: asyncio.Event,
+                       request: Request | None) -> AsyncIterator[dict]:
         """The worker's messages for ``uid`` until its last one; if the consumer stops early, cancel the row."""
         done = False
         try:
             while not done:
-                await event.wait()
+                await _wait(event, request)
                 event.clear()
                 while queue and not done:
                     data, _status = queue.popleft()
@@ -202,6 +211,23 @@ class ServeSpec(LitSpec):
                 raise ServeError(reply.get("error", "failed"), reply.get("status", 400), "lora_path")
             return reply
         raise ServeError("the inference worker did not answer", 500)
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""
+
+
+async def _wait(event: asyncio.Event, request: Request | None) -> None:
+    if request is None:
+        await event.wait()
+        return
+    while True:
+        try:
+            await asyncio.wait_for(event.wait(), _DISCONNECT_POLL_S)
+            return
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone from None
 
 
 async def _json(request: Request, allowed: set[str] | None = None) -> dict:

@@ -134,3 +134,21 @@ def test_base_model_without_any_adapter():
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=9, do_sample=False)
     assert _run(engine)["r"]["text"] == tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_qlora_base_serves_from_4_bit():
+    pytest.importorskip("bitsandbytes")
+    from lightning_lora import QuantConfig, quantize_model
+    from tests.serve.helpers import add_adapters
+    from tests.tiny_lm import build_tiny_causal_lm
+
+    model, tok = build_tiny_causal_lm()
+    quantize_model(model, QuantConfig(compute_dtype="float32"))
+    add_adapters(model, ("a", "b"))
+    engine = Engine(model, tok)
+    requests = {"r0": ("a", PROMPTS[0], 12), "r1": ("b", PROMPTS[1], 9), "r2": (None, PROMPTS[2], 7)}
+    for uid, (adapter, prompt, n) in requests.items():
+        engine.submit(uid, GenerationRequest(tuple(tok(prompt)["input_ids"]), adapter, _greedy(n)))
+    results = _run(engine)
+    for uid, (adapter, prompt, n) in requests.items():
+        assert results[uid] == offline(model, tok, adapter, tok(prompt)["input_ids"], n), uid

@@ -297,19 +297,32 @@ def test_binds_localhost_only(served):
             assert sock.connect_ex((address, port)) != 0, address
 
 
-def test_client_disconnect_mid_stream_frees_the_row(served):
+def _cancelled(served) -> int:
+    return served["log"].read_text().count("cancelled (client went away)")
+
+
+def _wait_cancelled(served, count: int) -> int:
+    deadline = time.monotonic() + 20
+    while _cancelled(served) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _cancelled(served)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_frees_the_row(served, stream):
+    before = _cancelled(served)
     host, port = served["url"].removeprefix("http://").split(":")
-    body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": stream,
+            "ignore_eos": True}
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.readline().startswith(b"data: ")
-    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
-    conn.close()
-    deadline = time.monotonic() + 20
-    while "cancelled (client went away)" not in served["log"].read_text() and time.monotonic() < deadline:
+    if stream:
+        assert conn.getresponse().readline().startswith(b"data: ")
+    else:
         time.sleep(0.2)
-    assert "cancelled (client went away)" in served["log"].read_text()
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away before the answer is complete
+    conn.close()
+    assert _wait_cancelled(served, before + 1) == before + 1
     got, want = _complete(served, "b", PROMPTS[1], 8)
     assert got == want
