@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from lightning_lora.serve.kv import BatchCache
-from lightning_lora.serve.protocol import BASE_ROW, GenerationRequest
+from lightning_lora.serve.protocol import GenerationRequest
+from lightning_lora.serve.routing import RowRouting
 from lightning_lora.serve.sampling import TextTracker, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class _Row:
     finish: str | None = None
 
     @property
-    def adapter(self) -> str:
-        return self.request.adapter or BASE_ROW
+    def adapter(self) -> str | None:
+        return self.request.adapter
 
 
 class Engine:
@@ -81,6 +82,7 @@ class Engine:
         self.running: list[_Row] = []
         self.kv = BatchCache()
         self.doomed: set[str] = set()  # adapters to delete once no row uses them
+        self.routing = RowRouting(self.model)
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @property
@@ -137,29 +139,27 @@ class Engine:
         self._delete_doomed()
 
     def _delete_doomed(self) -> None:
-        from lightning_lora import delete_adapter, list_adapters
+        from lightning_lora import delete_adapter
 
         for name in [n for n in self.doomed if not self.in_use(n)]:
             self.doomed.discard(name)
-            if name in list_adapters(self.model):
+            if name in self.routing.adapters:
                 delete_adapter(self.model, name)
+                self.routing.refresh()
                 log.info("unloaded adapter %r", name)
+
+    def adapters_changed(self) -> None:
+        """Call after loading an adapter into the model (re-reads its LoRA layers)."""
+        self.routing.refresh()
 
     # ------------------------------------------------------------------------------------------------ the model
     def _forward(self, names: list[str], cache: object, **kwargs: Any) -> tuple[torch.Tensor, object]:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns); accept both.
         key = self._cache_arg
-        with self._routing(names):
+        with self.routing.rows(names):
             out = self.model(use_cache=True, **{key: cache}, **kwargs)
         cache = getattr(out, key, None)
         return out.logits[:, -1, :], cache if cache is not None else getattr(out, "past_key_values", None)
-
-    def _routing(self, names: list[str]) -> contextlib.AbstractContextManager:
-        from lightning_lora import list_adapters, mixed_batch
-
-        if not list_adapters(self.model):
-            return contextlib.nullcontext()
-        return mixed_batch(self.model, names)
 
     def _prefill(self, row: _Row) -> list[RowOutput]:
         from transformers import DynamicCache

@@ -16,7 +16,6 @@ from typing import Any, Literal
 from lightning_lora.serve.errors import ServeError
 
 Kind = Literal["completion", "chat"]
-BASE_ROW = "base"  # what mixed_batch calls "no adapter"
 _RESERVED_NAMES = ("base", "__base__")
 
 

@@ -115,6 +115,7 @@ class LoRAServeAPI(ls.LitAPI):
             return {"ok": False, "error": f"cannot load adapter {payload['name']!r} from {payload['path']!r}: {err}",
                     "status": 400}
         self.engine.model.eval()
+        self.engine.adapters_changed()
         return {"ok": True}
 
     def authorize(self, request: Request) -> None:
