@@ -70,7 +70,9 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, str]]:
     model_dir = args.model
     if args.smoke:
         sys.path.insert(0, str(REPO))
-        from tests.tiny_lm import save_tiny_causal_lm  # the harness check needs no download
+        from tests.tiny_lm import (
+            save_tiny_causal_lm,  # the harness check needs no download
+        )
 
         model_dir = str(save_tiny_causal_lm(tmp / "model"))
     model, _ = load_causal_lm(model_dir)
@@ -230,10 +232,10 @@ def goals(modes: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(doc: dict[str, Any]) -> str:
     meta = doc["meta"]
-    lines = [f"# Serving benchmark{' (smoke)' if meta['smoke'] else ''}", "",
-             f"`{meta['command']}`: {meta['model']}, {meta['clients']} clients x {meta['new_tokens']} new tokens "
-             f"(greedy, ignore_eos), {meta['adapters']} adapters (all-linear r16), {meta['threads']} threads; "
-             f"{meta['machine']}. {meta['date']}.", "",
+    setting = (f"`{meta['command']}`: {meta['model']}, {meta['clients']} clients x {meta['new_tokens']} new tokens "
+               f"(greedy, ignore_eos), {meta['adapters']} adapters (all-linear r16), {meta['threads']} threads; "
+               f"{meta['machine']}. {meta['date']}.")
+    lines = [f"# Serving benchmark{' (smoke)' if meta['smoke'] else ''}", "", setting, "",
              "| mode | requests | tokens/s | p50 latency (s) | p95 latency (s) |", "|---|---|---|---|---|"]
     for name, m in doc["modes"].items():
         lines.append(f"| {name} | {m['requests']} | {m['tokens_per_s']} | {m['p50_s']} | {m['p95_s']} |")

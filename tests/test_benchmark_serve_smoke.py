@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_serve_benchmark_smoke(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", "--out", str(tmp_path)], cwd=REPO, check=False,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "serve_smoke.json").read_text())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Optional
 
 from jsonargparse import ArgumentParser
 
@@ -26,10 +25,10 @@ def build_parser() -> ArgumentParser:
                         help="The base model: alias, local save_pretrained directory, or hub name.")
     parser.add_argument("--adapters", type=str, default=[], nargs="*",
                         help="Adapters to load at start, as NAME=PATH (PEFT adapter directories).")
-    parser.add_argument("--served_model_name", type=Optional[str], default=None,
+    parser.add_argument("--served_model_name", type=str | None, default=None,
                         help="The `model` value that selects the bare base model. Default: the --model value.")
     parser.add_argument("--dtype", type=str, default="auto", help="Weight dtype of the base: auto, float32, bfloat16.")
-    parser.add_argument("--quantize", type=Optional[QuantConfig], default=None,
+    parser.add_argument("--quantize", type=QuantConfig | None, default=None,
                         help="Quantize the base to 4 bits first (serve QLoRA adapters from the base they trained on).")
     parser.add_argument("--host", type=str, default="127.0.0.1",
                         help="Address to bind: 127.0.0.1 (this machine only), 0.0.0.0 or ::.")
@@ -37,9 +36,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_batch_size", type=int, default=16, help="Most requests decoded together (1: no batching).")
     parser.add_argument("--batch_timeout", type=float, default=0.01,
                         help="Seconds an idle server waits for more requests before it starts decoding.")
-    parser.add_argument("--api_key", type=Optional[str], default=None,
+    parser.add_argument("--api_key", type=str | None, default=None,
                         help="Require 'Authorization: Bearer <key>' on every endpoint but /health.")
-    parser.add_argument("--adapter_root", type=Optional[str], default=None,
+    parser.add_argument("--adapter_root", type=str | None, default=None,
                         help="Only read adapters from directories inside this one (start-up and load_lora_adapter).")
     parser.add_argument("--log_level", type=str, default="info", help="Server log level: debug, info, warning, error.")
     return parser

@@ -22,7 +22,8 @@ _WHERE = {
     "smollm2_gguf_path": "smollm2",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = ["MODEL_ALIASES", "CausalLMModule", "ExactMatch", "default_optimizer", "load_causal_lm", "load_tokenizer",
+           "resolve_dtype", "resolve_model_path", "smollm2_dir", "smollm2_gguf_path"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,10 @@
 
 from lightning_lora.serve.engine import Engine, RowOutput
 from lightning_lora.serve.errors import ServeError
-from lightning_lora.serve.protocol import GenerationRequest, RequestValidator, SamplingParams
+from lightning_lora.serve.protocol import (
+    GenerationRequest,
+    RequestValidator,
+    SamplingParams,
+)
 
 __all__ = ["Engine", "GenerationRequest", "RequestValidator", "RowOutput", "SamplingParams", "ServeError"]

@@ -19,7 +19,10 @@ from torch import nn
 
 from lightning_lora import SurgeryError, list_adapters
 from lightning_lora.surgery import lora_layers
-from lightning_lora.surgery.mixed import BASE, _Router  # the per-layer update mixed_batch installs (private)
+from lightning_lora.surgery.mixed import (  # the per-layer update mixed_batch installs (private)
+    BASE,
+    _Router,
+)
 
 
 class RowRouting:

@@ -26,8 +26,19 @@ from litserve.utils import ResponseBufferItem
 
 from lightning_lora.serve.adapters import check_adapter_dir
 from lightning_lora.serve.errors import ServeError
-from lightning_lora.serve.protocol import Kind, ParsedRequest, RequestValidator, check_adapter_name
-from lightning_lora.serve.responses import chunk, full_response, model_card, new_id, usage_chunk
+from lightning_lora.serve.protocol import (
+    Kind,
+    ParsedRequest,
+    RequestValidator,
+    check_adapter_name,
+)
+from lightning_lora.serve.responses import (
+    chunk,
+    full_response,
+    model_card,
+    new_id,
+    usage_chunk,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_lora import LoRAConfig, apply_lora, disable_adapters, save_adapter, use_adapters
+from lightning_lora import (
+    LoRAConfig,
+    apply_lora,
+    disable_adapters,
+    save_adapter,
+    use_adapters,
+)
 from tests.tiny_lm import build_tiny_causal_lm
 
 ADAPTERS = ("a", "b", "c")

@@ -132,6 +132,9 @@ def test_serve_command_arguments(capsys):
             parse_adapters(bad)
     args = build_parser().parse_args(["--adapters", "a=x", "b=y", "--max_batch_size", "4"])
     assert args.adapters == ["a=x", "b=y"] and args.host == "127.0.0.1" and args.port == 8000
+    parser = build_parser()
+    quantized = parser.instantiate_classes(parser.parse_args(["--quantize.quant_type", "fp4"])).quantize
+    assert quantized.quant_type == "fp4"
     with pytest.raises(ValueError, match="max_batch_size=0"):
         ServeConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="host='10.0.0.1'"):

@@ -19,11 +19,11 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("litserve")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file, save_file
 
-from lightning_lora.modules.loading import load_causal_lm  # noqa: E402
-from tests.serve.helpers import add_adapters, chat_ids, offline, save_all  # noqa: E402
-from tests.tiny_lm import save_tiny_causal_lm  # noqa: E402
+from lightning_lora.modules.loading import load_causal_lm
+from tests.serve.helpers import add_adapters, chat_ids, offline, save_all
+from tests.tiny_lm import save_tiny_causal_lm
 
 KEY = "test-key"
 PROMPTS = ["Hello world", "The capital of France is", "abc", "Once upon a time", "x = 1 + 2", "Lightning"]
@@ -47,7 +47,7 @@ def _bad_adapters(root: Path, good: Path) -> dict[str, Path]:
     bad["nan"].mkdir()
     (bad["nan"] / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     tensors = load_file(str(good / "adapter_model.safetensors"))
-    first = sorted(tensors)[0]
+    first = min(tensors)
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     save_file(tensors, str(bad["nan"] / "adapter_model.safetensors"))
     bad["pickle"].mkdir()
@@ -77,7 +77,7 @@ def served(tmp_path_factory):
     paths = save_all(model, root / "adapters")
     bad = _bad_adapters(root / "adapters", paths["a"])
     port = _free_port()
-    log = open(root / "server.log", "w")
+    log = (root / "server.log").open("w")
     cmd = [sys.executable, "-m", "lightning_lora.cli", "serve", "--model", str(root / "model"),
            "--adapters", f"a={paths['a']}", f"b={paths['b']}", "--port", str(port), "--api_key", KEY,
            "--adapter_root", str(root / "adapters"), "--max_batch_size", "8"]
@@ -212,6 +212,18 @@ def test_load_and_unload_while_others_run(served):
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="c", prompt="x", max_tokens=2)
         assert running.result() == _want(served, "a", PROMPTS[3], 150)
+
+
+def test_seed_stop_and_sampling_over_http(served):
+    client = served["client"]
+    kwargs = {"model": "a", "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0.9, "top_p": 0.95}
+    first = client.completions.create(seed=11, **kwargs).choices[0].text
+    assert client.completions.create(seed=11, **kwargs).choices[0].text == first
+    assert len({client.completions.create(seed=s, **kwargs).choices[0].text for s in (1, 2, 3)} | {first}) > 1
+    reference = _want(served, "a", PROMPTS[0], 30)["text"]
+    stop = reference[4:6]
+    got = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop])
+    assert got.choices[0].text == reference[: reference.find(stop)] and got.choices[0].finish_reason == "stop"
 
 
 # ------------------------------------------------------------------------------------------------ bad input
