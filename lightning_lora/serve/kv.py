@@ -66,6 +66,12 @@ def _layers(cache: object) -> list:
     if layers is None:
         raise TypeError(f"expected a transformers DynamicCache with .layers, got {type(cache).__name__}; this needs "
                         f"transformers >= 4.56")
+    # Sliding-window and other layer kinds keep more state than keys and values (e.g. how many tokens they saw),
+    # which padding and slicing rows here would not keep right.
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer).__name__ != "DynamicLayer"})
+    if odd:
+        raise NotImplementedError(f"the served model's KV cache has {odd} layers (sliding-window attention?); "
+                                  f"continuous batching here supports full-attention models (Llama, GPT-2, ...)")
     return layers
 
 

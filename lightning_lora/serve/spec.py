@@ -217,9 +217,10 @@ class ServeSpec(LitSpec):
     async def _control(self, payload: dict) -> dict:
         """Run a load / unload in the worker and wait for its result; a failure becomes a :class:`ServeError`."""
         _, replies = self._submit(payload)
+        param = "lora_path" if payload["op"] == "load" else "lora_name"
         async for reply in replies:
             if not reply.get("ok"):
-                raise ServeError(reply.get("error", "failed"), reply.get("status", 400), "lora_path")
+                raise ServeError(reply.get("error", "failed"), reply.get("status", 400), param)
             return reply
         raise ServeError("the inference worker did not answer", 500)
 

@@ -152,3 +152,25 @@ def test_qlora_base_serves_from_4_bit():
     results = _run(engine)
     for uid, (adapter, prompt, n) in requests.items():
         assert results[uid] == offline(model, tok, adapter, tok(prompt)["input_ids"], n), uid
+
+
+def test_gpt2_conv1d_rows_equal_generate_alone():
+    from lightning_lora import LoRAConfig, apply_lora
+    from tests.tiny_lm import build_tiny_causal_lm
+
+    model, tok = build_tiny_causal_lm("gpt2")
+    for i, name in enumerate(["a", "b"]):
+        apply_lora(model, LoRAConfig(r=4, targets=["c_attn", "c_fc"]), name=name)
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if f"lora_B.{name}" in pname:
+                    param.normal_(0.0, 0.5, generator=generator)
+    model.eval()
+    engine = Engine(model, tok)
+    requests = {"r0": ("a", PROMPTS[0], 12), "r1": ("b", PROMPTS[1], 20), "r2": (None, PROMPTS[2], 9)}
+    for uid, (adapter, prompt, n) in requests.items():
+        engine.submit(uid, GenerationRequest(tuple(tok(prompt)["input_ids"]), adapter, _greedy(n)))
+    results = _run(engine)
+    for uid, (adapter, prompt, n) in requests.items():
+        assert results[uid] == offline(model, tok, adapter, tok(prompt)["input_ids"], n), uid
