@@ -214,6 +214,22 @@ def test_load_and_unload_while_others_run(served):
         assert running.result() == _want(served, "a", PROMPTS[3], 150)
 
 
+def test_unloading_an_adapter_in_use_lets_its_requests_finish(served):
+    path = str(served["paths"]["c"])
+    assert _post(served, "/v1/load_lora_adapter", {"lora_name": "c2", "lora_path": path}).status_code == 200
+    body = {"model": "c2", "prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    reference = _post(served, "/v1/completions", body).json()["choices"][0]["text"]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_post, served, "/v1/completions", body)
+        time.sleep(0.3)
+        assert _post(served, "/v1/unload_lora_adapter", {"lora_name": "c2"}).status_code == 200
+        response = running.result()
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == reference  # c2 stayed until its last request was done
+    assert response.json()["usage"]["completion_tokens"] == 200
+    assert _post(served, "/v1/completions", {"model": "c2", "prompt": "x"}).status_code == 404
+
+
 def test_seed_stop_and_sampling_over_http(served):
     client = served["client"]
     kwargs = {"model": "a", "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0.9, "top_p": 0.95}
