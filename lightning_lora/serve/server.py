@@ -163,7 +163,9 @@ def build_server(config: ServeConfig, log_level: str = "info") -> ls.LitServer:
         adapters[name] = str(check_adapter_dir(adapter_path, config.adapter_root))
     config = ServeConfig(**{**config.__dict__, "adapters": adapters})
     spec = ServeSpec(tokenizer, config.name, path, max_context, adapters, config.adapter_root)
-    server = ls.LitServer(LoRAServeAPI(config, spec, log_level), accelerator="auto", devices=1, timeout=False)
+    # With an API key, FastAPI's /docs and /openapi.json (which LitServe leaves without auth) are switched off.
+    server = ls.LitServer(LoRAServeAPI(config, spec, log_level), accelerator="auto", devices=1, timeout=False,
+                          disable_openapi_url=config.api_key is not None)
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.uvicorn_graceful_timeout = 5  # open streams get 5 s to finish at shutdown, not LitServe's 30
     return server

@@ -312,6 +312,7 @@ def test_api_key_is_required_except_for_health(served):
     assert response.status_code == 401 and "Authorization: Bearer" in response.json()["error"]["message"]
     assert _request(served["url"], "GET", "/v1/models", key=None).status_code == 401
     assert _request(served["url"], "GET", "/health", key=None).status_code == 200
+    assert _request(served["url"], "GET", "/openapi.json", key=None).status_code == 404  # no schema without a key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{served['url']}/v1", api_key="wrong", max_retries=0).models.list()
 
