@@ -37,7 +37,8 @@ def choose_tokens(logits: Tensor, params: list[SamplingParams], generators: list
         if p.temperature == 0.0 or generator is None:
             tokens.append(greedy[row])
             continue
-        probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)  # (V,)
+        # On the CPU: each row's generator is a CPU generator (seeded per request), whatever the model's device.
+        probs = torch.softmax(logits[row].float().cpu() / p.temperature, dim=-1)  # (V,)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p  # tokens after the nucleus
