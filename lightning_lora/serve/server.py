@@ -111,9 +111,12 @@ class LoRAServeAPI(ls.LitAPI):
             return {"ok": True}
         try:
             load_adapter(self.engine.model, payload["path"], name=payload["name"])
-        except (ValueError, RuntimeError, OSError, KeyError) as err:  # AdapterLoadError, SurgeryError, ...
+        except Exception as err:  # whatever the file does, the worker (and every other row) lives on
+            known = isinstance(err, (ValueError, RuntimeError, OSError, KeyError))  # AdapterLoadError, SurgeryError...
+            if not known:
+                log.exception("loading adapter %r failed", payload["name"])
             return {"ok": False, "error": f"cannot load adapter {payload['name']!r} from {payload['path']!r}: {err}",
-                    "status": 400}
+                    "status": 400 if known else 500}
         self.engine.model.eval()
         self.engine.adapters_changed()
         return {"ok": True}
