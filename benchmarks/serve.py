@@ -240,9 +240,10 @@ def render(doc: dict[str, Any]) -> str:
     for name, m in doc["modes"].items():
         lines.append(f"| {name} | {m['requests']} | {m['tokens_per_s']} | {m['p50_s']} | {m['p95_s']} |")
     behind = doc["modes"]["short_behind_long"]
-    lines += ["", f"`short_behind_long`: {behind['requests']} short requests ({doc['meta']['new_tokens'] // 8 or 1} "
-              f"tokens) sent while long ones run: p50 {behind['p50_s']} s, against {behind['long_p50_s']} s for the "
-              f"long requests and {doc['modes']['short_alone']['p50_s']} s for a short request alone.",
+    note = (f"`short_behind_long`: {behind['requests']} short requests ({doc['meta']['new_tokens'] // 8 or 1} "
+            f"tokens) sent while long ones run: p50 {behind['p50_s']} s, against {behind['long_p50_s']} s for the "
+            f"long requests and {doc['modes']['short_alone']['p50_s']} s for a short request alone.")
+    lines += ["", note,
               "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in doc["goals"]]
     return "\n".join(lines) + "\n"
