@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_lora import list_adapters
+from lightning_lora import list_adapters, use_adapters
 from lightning_lora.serve.engine import Engine
 from lightning_lora.serve.protocol import GenerationRequest, SamplingParams
 from tests.serve.helpers import offline, tiny_model_with_adapters
@@ -174,3 +174,19 @@ def test_gpt2_conv1d_rows_equal_generate_alone():
     results = _run(engine)
     for uid, (adapter, prompt, n) in requests.items():
         assert results[uid] == offline(model, tok, adapter, tok(prompt)["input_ids"], n), uid
+
+
+def test_end_of_sequence_token_ends_the_row_without_text(setup):
+    model, tok = setup
+    ids = tok(PROMPTS[1])["input_ids"]
+    with torch.no_grad(), use_adapters(model, "b"):
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    engine = Engine(model, tok)
+    engine.eos_ids = {greedy[3]}  # pretend the 4th token is the end of the sequence
+    engine.submit("r", GenerationRequest(tuple(ids), "b", _greedy(20)))
+    engine.submit("ignore", GenerationRequest(tuple(ids), "b", _greedy(6, ignore_eos=True)))
+    results = _run(engine)
+    first = greedy.index(greedy[3])
+    assert results["r"]["finish_reason"] == "stop" and results["r"]["tokens"] == first + 1
+    assert results["r"]["text"] == tok.decode(greedy[:first], skip_special_tokens=True)
+    assert results["ignore"]["finish_reason"] == "length" and results["ignore"]["tokens"] == 6

@@ -135,6 +135,7 @@ def test_serve_command_arguments(capsys):
     parser = build_parser()
     quantized = parser.instantiate_classes(parser.parse_args(["--quantize.quant_type", "fp4"])).quantize
     assert quantized.quant_type == "fp4"
+    assert ServeConfig(model="m").name == "m" and ServeConfig(model="m", served_model_name="base").name == "base"
     with pytest.raises(ValueError, match="max_batch_size=0"):
         ServeConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="host='10.0.0.1'"):
