@@ -18,6 +18,7 @@ _OWN_COMMANDS = ("plan", "export", "doctor")
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-lora`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]: return __import__("lightning_lora.cli.serve", fromlist=["serve_main"]).serve_main(args[1:])  # noqa: E701
     if args and args[0] in _OWN_COMMANDS:
         if args[0] == "doctor":
             from lightning_lora.cli.doctor import doctor_main
