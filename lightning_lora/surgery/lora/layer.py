@@ -105,6 +105,10 @@ class LoRALayer(nn.Module):
             self.active_adapters.append(name)
         self.derived.clear()
 
+    def adapter_params(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Adapter name -> its factors, keyed by their path in this layer (``lora_A.<name>``, ``lora_B.<name>``)."""
+        return {n: {f"lora_A.{n}": self.lora_A[n], f"lora_B.{n}": self.lora_B[n]} for n in self.specs}
+
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (it must not be merged)."""
         if name in self.merged_adapters:
