@@ -78,7 +78,7 @@ def _require_lora(model: nn.Module, what: str) -> list[tuple[str, AdapterModule]
     # Every adapter-holding module (LoRA layers and the other methods' hosts) switches the same way.
     layers = adapter_modules(model)
     if not layers:
-        raise SurgeryError(f"{what}: the model has no adapters; apply_lora / apply_peft(model, config) or "
+        raise SurgeryError(f"{what}: the model has no LoRA layers or other adapters; apply_lora / apply_peft(model, config) or "
                            "load_adapter(...) first.")
     return layers
 

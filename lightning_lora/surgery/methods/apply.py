@@ -47,6 +47,9 @@ from lightning_lora.surgery.methods.prompt_tuning import PromptEmbedding, Prompt
 log = logging.getLogger(__name__)
 
 PEFTConfig = Union[LoRAConfig, PromptTuningConfig, PTuningConfig, PrefixTuningConfig, BottleneckConfig]
+CONFIG_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (LoRAConfig, PromptTuningConfig, PTuningConfig,
+                                                                 PrefixTuningConfig, BottleneckConfig)}
+"""Every method's config class by name (checkpoints store the name)."""
 VIRTUAL_TOKEN_CONFIGS = (PromptTuningConfig, PTuningConfig, PrefixTuningConfig)
 _ATTENTION_OUT = {"o_proj", "out_proj", "c_proj", "dense", "wo", "out_lin"}
 _MLP_OUT = {"down_proj", "fc2", "c_proj", "dense", "dense_4h_to_h", "w2", "lin2", "fc_out"}
