@@ -111,3 +111,20 @@ def test_prompt_tuning_on_a_4bit_base(tmp_path):
     assert type(module.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     after = adapter_parameters(module.model)
     assert all(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_merge_and_export_writes_the_adapter_and_says_why_nothing_is_merged(tmp_path, caplog):
+    from lightning_lora import load_adapter
+    from lightning_lora.callbacks import MergeAndExport
+
+    L.seed_everything(0, verbose=False)
+    module = TinyLlamaModule(lr=0.05)
+    export = MergeAndExport(tmp_path / "out", module="model")
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, [PEFTFinetuning(CONFIGS["bottleneck"], module="model"), export], max_steps=2).fit(module)
+    assert "no merged model is written because the nonlinearity" in caplog.text
+    assert not (tmp_path / "out" / "merged").exists()
+    again = TinyLlamaModule().model
+    load_adapter(again, tmp_path / "out" / "adapter")
+    for name, value in adapter_parameters(module.model).items():
+        assert torch.equal(adapter_parameters(again)[name], value)
