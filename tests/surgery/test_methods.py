@@ -262,3 +262,34 @@ def test_methods_train_on_a_4bit_base(method):
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(not p.requires_grad for n, p in model.named_parameters() if n not in params)
+
+
+def test_lora_only_features_refuse_other_methods_by_name(tmp_path):
+    from lightning_lora.surgery import (
+        CombineError,
+        MixedBatchError,
+        combine_adapters,
+        load_adapters,
+        mixed_batch,
+        save_adapters,
+        unload_lora,
+    )
+
+    model = tiny_llama()
+    apply_peft(model, LoRAConfig(r=2), name="lora")
+    apply_peft(model, PromptTuningConfig(num_virtual_tokens=2), name="prompt")
+    model.eval()
+    with pytest.raises(MixedBatchError, match=r"mixed_batch works with LoRA adapters only; 'prompt' \(prompt tuning\)"):
+        with mixed_batch(model, ["lora", "prompt"]):
+            pass
+    with pytest.raises(CombineError, match=r"combine_adapters works with LoRA adapters only; 'prompt'"):
+        combine_adapters(model, ["lora", "prompt"], name="both")
+    ids = input_ids()
+    expected = logits(model, ids)
+    save_adapters(model, tmp_path / "all")
+    again = tiny_llama().eval()
+    load_adapters(again, tmp_path / "all", active=["lora", "prompt"])
+    assert list_adapters(again) == ["lora", "prompt"]
+    torch.testing.assert_close(logits(again, ids), expected, atol=0, rtol=0)
+    unload_lora(again)  # LoRA goes, the prompt adapter stays
+    assert list_adapters(again) == ["prompt"]

@@ -74,6 +74,18 @@ def check_adapter_names(model: nn.Module, names: Sequence[str], what: str) -> No
                                   f"are {known or 'none (apply_lora or load_adapter first)'}.")
 
 
+def require_lora_adapters(model: nn.Module, names: Sequence[str], what: str, error: type[Exception] = SurgeryError) -> None:
+    """Raise ``error`` naming every adapter in ``names`` that is not LoRA (``what`` is a LoRA-only feature)."""
+    from lightning_lora.surgery.lora.config import LoRAConfig
+
+    configs = adapter_configs(model)
+    others = [f"{n!r} ({getattr(configs[n], 'method', type(configs[n]).__name__)})" for n in dict.fromkeys(names)
+              if n in configs and not isinstance(configs[n], LoRAConfig)]
+    if others:
+        raise error(f"{what} works with LoRA adapters only; {', '.join(others)} {'is' if len(others) == 1 else 'are'} "
+                    "not. HINT: use set_active_adapters / use_adapters to switch to such an adapter for a whole batch.")
+
+
 def _require_lora(model: nn.Module, what: str) -> list[tuple[str, AdapterModule]]:
     # Every adapter-holding module (LoRA layers and the other methods' hosts) switches the same way.
     layers = adapter_modules(model)
