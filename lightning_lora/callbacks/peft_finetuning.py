@@ -26,16 +26,19 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
+from lightning_lora.surgery.errors import CheckpointMismatchError, OptimizerSetupError, SurgeryError
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
-from lightning_lora.surgery.methods.apply import CONFIG_CLASSES, PEFTConfig, apply_peft, plan_peft
-from lightning_lora.surgery.errors import CheckpointMismatchError
-from lightning_lora.surgery.training.adapter_checkpoint import adapter_only_state_dict, config_differences, install_load_guard
-from lightning_lora.surgery.quant.config import QuantConfig
-from lightning_lora.surgery.errors import OptimizerSetupError, SurgeryError
-from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainable_not_in_optimizers
-from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
 from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.lora.report import SurgeryReport
+from lightning_lora.surgery.methods.apply import CONFIG_CLASSES, PEFTConfig, apply_peft, plan_peft
+from lightning_lora.surgery.quant.config import QuantConfig
+from lightning_lora.surgery.training.adapter_checkpoint import (
+    adapter_only_state_dict,
+    config_differences,
+    install_load_guard,
+)
+from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
+from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainable_not_in_optimizers
 
 _STATE_VERSION = 1
 
@@ -111,7 +114,7 @@ class PEFTFinetuning(Callback):
                            "HINT: drop save_weights_only=True; adapter-only checkpoints are already small.")
 
     def apply(self, pl_module: torch.nn.Module) -> SurgeryReport | None:
-        """Quantize (if asked) and attach the adapter to the target module now, freezing every other parameter; idempotent.
+        """Quantize (if asked) and attach the adapter to the target module now, freezing everything else; idempotent.
 
         Called by the Trainer right after ``configure_model``; call it yourself only outside a Trainer.
 
@@ -181,7 +184,8 @@ class PEFTFinetuning(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Plain types only: resuming reads the checkpoint with torch.load(weights_only=True).
         return {"version": _STATE_VERSION, "adapter_name": self.adapter_name, "module": self.module,
-                "config": self.config.to_dict(), "config_class": type(self.config).__name__, "quantize": _plain(self.quantize), "identity": self.identity,
+                "config": self.config.to_dict(), "config_class": type(self.config).__name__,
+                "quantize": _plain(self.quantize), "identity": self.identity,
                 "adapter_only": self.adapter_only_checkpoints}
 
     @override
@@ -195,7 +199,8 @@ class PEFTFinetuning(Callback):
             problems += [f"base {p}" for p in identity_differences(state_dict["identity"], self.identity)]
         if problems:
             raise CheckpointMismatchError(
-                f"This checkpoint was written for another base model or adapter setup (adapter {self.adapter_name!r}):\n  - "
+                f"This checkpoint was written for another base model or adapter setup "
+                f"(adapter {self.adapter_name!r}):\n  - "
                 + "\n  - ".join(problems)
                 + f"\nHINT: resume with the base model and {type(self).__name__} settings of the run that wrote it "
                 f"({type(self).__name__}.from_checkpoint(path) rebuilds the callback from the checkpoint)."

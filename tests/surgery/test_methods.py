@@ -3,8 +3,6 @@ disabling, merging (refused), gradient checkpointing (prefix: refused), 4-bit ba
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F

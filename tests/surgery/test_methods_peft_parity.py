@@ -17,8 +17,13 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from peft import PeftModel, PrefixTuningConfig as PeftPrefix, PromptEncoderConfig, PromptTuningConfig as PeftPrompt  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+from peft import (  # noqa: E402
+    PeftModel,
+    PromptEncoderConfig,
+    get_peft_model,  # noqa: E402
+)
+from peft import PrefixTuningConfig as PeftPrefix
+from peft import PromptTuningConfig as PeftPrompt
 
 from lightning_lora.surgery import (  # noqa: E402
     PrefixTuningConfig,

@@ -83,7 +83,8 @@ def _config_body(root: nn.Module, config: Any, task_type: str | None, base_model
                 "base_model_name_or_path": base_model}
     dims = model_dims(root, config.method)
     body: dict[str, Any] = {
-        "peft_type": _PEFT_TYPE[type(config)], "task_type": task_type or "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": _PEFT_TYPE[type(config)], "task_type": task_type or "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
         "num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1, "num_layers": dims.num_layers,
         "token_dim": dims.hidden, "num_attention_heads": _heads(root), "inference_mode": True, "revision": None,
         "modules_to_save": None, "auto_mapping": None,
@@ -110,7 +111,8 @@ def _sidecar(root: nn.Module, name: str, config: Any) -> tuple[dict[str, Tensor]
     needs = isinstance(config, PTuningConfig) or (isinstance(config, PrefixTuningConfig) and config.projection)
     if not needs:
         return None
-    state = {k: v.detach().float().cpu().contiguous().clone() for k, v in host_of(root).encoders[name].state_dict().items()}
+    encoder = host_of(root).encoders[name]
+    state = {k: v.detach().float().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
     return state, {"format": "pt", "config_class": type(config).__name__, "config": json.dumps(config.to_dict())}
 
 
@@ -147,7 +149,8 @@ def read_method_adapter(path: str | Path) -> tuple[Any, dict[str, Tensor], dict[
     try:
         return _config_from_peft(data), tensors, None
     except (TypeError, ValueError) as err:
-        raise AdapterLoadError(f"{directory / CONFIG_NAME}: cannot be read as a {data.get('peft_type')} adapter ({err}).") from err
+        raise AdapterLoadError(f"{directory / CONFIG_NAME}: cannot be read as a {data.get('peft_type')} adapter "
+                               f"({err}).") from err
 
 
 def _config_from_peft(data: dict[str, Any]) -> Any:

@@ -75,7 +75,8 @@ class PEFTPlan:
         return sum(params for _, _, params in self.modules)
 
     def __str__(self) -> str:
-        rows = "\n".join(f"  {path or '<model>'}: {what} ({params:,} parameters)" for path, what, params in self.modules)
+        rows = "\n".join(f"  {path or '<model>'}: {what} ({params:,} parameters)"
+                         for path, what, params in self.modules)
         return f"{self.method} adapter {self.adapter!r}: {self.adapter_params:,} parameters\n{rows}"
 
 
@@ -179,12 +180,7 @@ def bottleneck_sites(model: nn.Module, config: BottleneckConfig) -> list[tuple[s
         raise SurgeryError(f"BottleneckConfig(placement={config.placement!r}): no output projection found for "
                            f"{missing or 'any block'}. Recognised names: attention {sorted(_ATTENTION_OUT)}, MLP "
                            f"{sorted(_MLP_OUT)}. HINT: use LoRA for this architecture, or placement='pfeiffer'.")
-    return [(path, kind, width) for (_, kind), (path, width) in sorted(sites.items(), key=lambda s: modules_index(modules, s[1][0]))]
-
-
-def modules_index(modules: dict[str, nn.Module], path: str) -> int:
-    """Position of ``path`` in model order."""
-    return list(modules).index(path)
+    return [(path, kind, width) for (_, kind), (path, width) in sites.items()]  # model order (dicts keep it)
 
 
 def _out_features(module: nn.Module) -> int | None:

@@ -51,8 +51,9 @@ class PromptTuningConfig(ConfigDict):
         problems = positive_int("num_virtual_tokens", self.num_virtual_tokens, "20")
         problems += one_of("init", self.init, ("random", "text", "vocab"))
         if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text and self.tokenizer):
-            problems.append(f"init='text' needs init_text (got {self.init_text!r}) and tokenizer (got {self.tokenizer!r}): "
-                            "e.g. init_text='Normalise the date:', tokenizer='HuggingFaceTB/SmolLM2-135M-Instruct'.")
+            problems.append(f"init='text' needs init_text (got {self.init_text!r}) and tokenizer "
+                            f"(got {self.tokenizer!r}): e.g. init_text='Normalise the date:', "
+                            "tokenizer='HuggingFaceTB/SmolLM2-135M-Instruct'.")
         if self.init != "text" and self.init_text is not None:
             problems.append(f"init_text={self.init_text!r} is only used with init='text' (init={self.init!r}); "
                             "set init='text' or drop init_text.")
@@ -101,8 +102,8 @@ def _text_token_ids(config: PromptTuningConfig) -> list[int]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     except (OSError, ValueError) as err:
-        raise SurgeryError(f"PromptTuningConfig(tokenizer={config.tokenizer!r}) could not be loaded ({err}); give a local "
-                           "tokenizer directory or a Hub name that is available offline.") from err
+        raise SurgeryError(f"PromptTuningConfig(tokenizer={config.tokenizer!r}) could not be loaded ({err}); give "
+                           "a local tokenizer directory or a Hub name that is available offline.") from err
     ids: list[Any] = tokenizer(config.init_text)["input_ids"]
     if not ids:
         raise SurgeryError(f"init_text={config.init_text!r} gives no tokens; give a non-empty text.")
