@@ -291,3 +291,18 @@ def test_lora_only_features_refuse_other_methods_by_name(tmp_path):
     torch.testing.assert_close(logits(again, ids), expected, atol=0, rtol=0)
     unload_lora(again)  # LoRA goes, the prompt adapter stays
     assert list_adapters(again) == ["prompt"]
+
+
+def test_readme_methods_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Other methods: prompt tuning"):]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["out"].shape == (2, 9)
+    assert (tmp_path / "out/prefix/adapter_model.safetensors").is_file()
+    assert list_adapters(namespace["fresh"]) == ["default"]
