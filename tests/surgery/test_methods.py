@@ -306,3 +306,14 @@ def test_readme_methods_example_runs(tmp_path, monkeypatch):
     assert namespace["out"].shape == (2, 9)
     assert (tmp_path / "out/prefix/adapter_model.safetensors").is_file()
     assert list_adapters(namespace["fresh"]) == ["default"]
+
+
+def test_layer_freezing_adds_blocks_to_another_methods_adapter():
+    from lightning_lora.surgery.training.freeze import train_only
+
+    model = tiny_llama()
+    apply_peft(model, PromptTuningConfig(num_virtual_tokens=2))
+    names = train_only(model, blocks=[-1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(names) | set(adapter_parameters(model))  # the prompt stays trainable
+    assert all(".layers.3." in n for n in names)

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import AdapterLoadError, SurgeryError
 from lightning_lora.surgery.io.atomic import atomic_dir
-from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.methods._common import model_dims
 from lightning_lora.surgery.methods.apply import add_peft_adapter, bottleneck_sites
 from lightning_lora.surgery.methods.bottleneck import HOST as BOTTLENECK_HOST
@@ -228,8 +227,3 @@ def _expected_shapes(root: nn.Module, config: Any) -> dict[str, tuple[int, ...]]
     width = dims.num_layers * 2 * dims.kv_dim if isinstance(config, PrefixTuningConfig) else dims.hidden
     return {"prompt_embeddings": (config.num_virtual_tokens, width)}
 
-
-def method_config_of(root: nn.Module, name: str) -> Any | None:
-    """Adapter ``name``'s config when it is of a non-LoRA method, else None."""
-    config = adapter_configs(root).get(name)
-    return config if type(config) in _PEFT_TYPE else None
