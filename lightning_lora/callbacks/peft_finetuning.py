@@ -31,6 +31,8 @@ from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.lora.report import SurgeryReport
 from lightning_lora.surgery.methods.apply import CONFIG_CLASSES, PEFTConfig, apply_peft, plan_peft
+from lightning_lora.surgery.methods.prefix_tuning import PrefixTuningConfig
+from lightning_lora.surgery.methods.virtual_tokens import refuse_checkpointing
 from lightning_lora.surgery.quant.config import QuantConfig
 from lightning_lora.surgery.training.adapter_checkpoint import (
     adapter_only_state_dict,
@@ -163,6 +165,8 @@ class PEFTFinetuning(Callback):
     # ------------------------------------------------------------------------------------------------ optimizer
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.config, PrefixTuningConfig):  # before training, not at its first step
+            refuse_checkpointing(pl_module)
         missing = trainable_not_in_optimizers(pl_module, trainer.optimizers)
         if missing:
             raise OptimizerSetupError(_missing_message(missing))

@@ -128,3 +128,28 @@ def test_merge_and_export_writes_the_adapter_and_says_why_nothing_is_merged(tmp_
     load_adapter(again, tmp_path / "out" / "adapter")
     for name, value in adapter_parameters(module.model).items():
         assert torch.equal(adapter_parameters(again)[name], value)
+
+
+def test_constructor_is_jsonargparse_friendly():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=PEFTFinetuning)
+    cfg = parser.parse_string(
+        "callback:\n  class_path: lightning_lora.callbacks.PEFTFinetuning\n  init_args:\n    module: model\n"
+        "    config:\n      class_path: lightning_lora.BottleneckConfig\n      init_args:\n        size: 8\n"
+        "        placement: pfeiffer\n")
+    callback = parser.instantiate(cfg).callback
+    assert callback.config == BottleneckConfig(size=8, placement="pfeiffer") and callback.module == "model"
+
+
+def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_training(tmp_path):
+    from lightning_lora import SurgeryError
+    from lightning_lora.callbacks import GradientCheckpointing
+
+    module = TinyLlamaModule()
+    callbacks = [PEFTFinetuning(CONFIGS["prefix"], module="model"), GradientCheckpointing(module="model")]
+    t = trainer(tmp_path, callbacks, max_steps=1)
+    with pytest.raises(SurgeryError, match=r"Prefix tuning cannot train under gradient checkpointing.*HINT"):
+        t.fit(module)
+    assert t.global_step == 0

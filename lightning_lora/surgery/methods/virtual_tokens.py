@@ -171,8 +171,13 @@ def _filled_cache(model: nn.Module, encoder: PrefixEncoder, batch: int, cache: A
 
 
 def _refuse_checkpointing(model: nn.Module) -> None:
-    if not (model.training and torch.is_grad_enabled()):
-        return
+    if model.training and torch.is_grad_enabled():
+        refuse_checkpointing(model)
+
+
+def refuse_checkpointing(model: nn.Module) -> None:
+    """Raise :class:`SurgeryError` when activation checkpointing is on anywhere in ``model`` (prefix tuning's cache
+    does not survive it); called at fit start by the callback and before every training forward."""
     for module in model.modules():
         wrapped = type(module.__dict__.get("forward")).__name__ == "CheckpointedForward"
         if getattr(module, "gradient_checkpointing", False) is True or wrapped:
