@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import BottleneckConfigError, ConfigError
-from lightning_lora.surgery.lora.config import ConfigDict, _layer_problems
+from lightning_lora.surgery.lora.config import ConfigDict, layer_problems
 from lightning_lora.surgery.methods._common import one_of, positive_int, raise_problems
 
 Placement = Literal["houlsby", "pfeiffer"]
@@ -77,7 +77,7 @@ class BottleneckConfig(ConfigDict):
         problems += one_of("placement", self.placement, ("houlsby", "pfeiffer"))
         problems += one_of("nonlinearity", self.nonlinearity, ("relu", "gelu", "swish"))
         problems += one_of("init", self.init, ("zero-up",))
-        problems += _layer_problems(self.layers)
+        problems += layer_problems(self.layers)
         raise_problems(BottleneckConfigError, "BottleneckConfig", problems)
 
     def __hash__(self) -> int:
