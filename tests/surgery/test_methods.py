@@ -317,3 +317,21 @@ def test_layer_freezing_adds_blocks_to_another_methods_adapter():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(names) | set(adapter_parameters(model))  # the prompt stays trainable
     assert all(".layers.3." in n for n in names)
+
+
+def test_prompt_init_from_text_and_vocab_uses_the_models_embeddings(tmp_path):
+    from tests.tiny_lm import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    model = tiny_llama()
+    apply_peft(model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab", tokenizer=str(tmp_path / "tok")))
+    ids = tokenizer("ab")["input_ids"] * 3  # repeated, then cut to the number of virtual tokens (PEFT's rule)
+    words = model.get_input_embeddings().weight
+    prompts = adapter_parameters(model)["peft_virtual_tokens.encoders.default.embedding.weight"]
+    assert torch.equal(prompts, words[ids[:5]])
+    other = tiny_llama()
+    apply_peft(other, PromptTuningConfig(num_virtual_tokens=4, init="vocab"))
+    rows = adapter_parameters(other)["peft_virtual_tokens.encoders.default.embedding.weight"]
+    vocab = other.get_input_embeddings().weight
+    assert all(any(torch.equal(row, v) for v in vocab) for row in rows)
