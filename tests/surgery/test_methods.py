@@ -47,7 +47,8 @@ ALL = {
     (lambda: PromptTuningConfig(num_virtual_tokens=0), PromptTuningConfigError, r"num_virtual_tokens=0"),
     (lambda: PromptTuningConfig(init="text"), PromptTuningConfigError, r"init='text' needs init_text"),
     (lambda: PromptTuningConfig(init="words"), PromptTuningConfigError, r"init='words': must be one of"),
-    (lambda: PTuningConfig(encoder="gru", encoder_dropout=1.5), PTuningConfigError, r"encoder='gru'(.|\n)*encoder_dropout=1.5"),
+    (lambda: PTuningConfig(encoder="gru", encoder_dropout=1.5), PTuningConfigError,
+     r"encoder='gru'(.|\n)*encoder_dropout=1.5"),
     (lambda: PrefixTuningConfig(projection_hidden_size=8), PrefixTuningConfigError, r"only used with projection=True"),
     (lambda: BottleneckConfig(size=8, reduction_factor=4), BottleneckConfigError, r"give one of them"),
     (lambda: BottleneckConfig(placement="middle", nonlinearity="tanh"), BottleneckConfigError,
@@ -214,7 +215,8 @@ def test_name_clash_is_refused_before_any_change():
 def test_merge_lora_refuses_other_methods_saying_why_and_what_to_do(method):
     model = tiny_llama()
     apply_peft(model, ALL[method])
-    with unchanged(model), pytest.raises(MergeError, match=r"cannot merge 'default' is .*HINT: serve the model unmerged"):
+    with unchanged(model), pytest.raises(MergeError, match=r"cannot merge 'default' is .*HINT: serve the model "
+                                                          r"unmerged"):
         merge_lora(model)
 
 
@@ -325,7 +327,8 @@ def test_prompt_init_from_text_and_vocab_uses_the_models_embeddings(tmp_path):
     tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path / "tok")
     model = tiny_llama()
-    apply_peft(model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab", tokenizer=str(tmp_path / "tok")))
+    config = PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab", tokenizer=str(tmp_path / "tok"))
+    apply_peft(model, config)
     ids = tokenizer("ab")["input_ids"] * 3  # repeated, then cut to the number of virtual tokens (PEFT's rule)
     words = model.get_input_embeddings().weight
     prompts = adapter_parameters(model)["peft_virtual_tokens.encoders.default.embedding.weight"]
