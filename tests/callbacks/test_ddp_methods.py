@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_ddp_prefix_tuning_keeps_ranks_identical_and_trains(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     script = ROOT / "tests" / "callbacks" / "ddp_methods_script.py"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "unused" not in result.stderr.lower()
     rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
