@@ -238,9 +238,15 @@ def test_prompt_tuning_trains_under_gradient_checkpointing():
     assert all(p.grad is not None for p in adapter_parameters(model).values())
 
 
-def test_virtual_tokens_need_a_transformers_model():
+def test_virtual_tokens_need_a_transformers_causal_lm():
+    from tests.factories import tiny_bert
+
     with pytest.raises(SurgeryError, match="needs a transformers model"):
         apply_peft(nn.Sequential(nn.Linear(2, 2)), PromptTuningConfig())
+    model = tiny_bert()
+    with unchanged(model), pytest.raises(SurgeryError, match=r"causal language models.*BertForSequenceClassification"):
+        apply_peft(model, PrefixTuningConfig())
+    apply_peft(model, BottleneckConfig(size=2))  # bottleneck adapters fit any transformer with recognisable blocks
 
 
 @pytest.mark.parametrize("method", ["prompt", "bottleneck"])

@@ -66,6 +66,12 @@ def model_dims(model: nn.Module, what: str) -> ModelDims:
             f"got {type(model).__name__}. HINT: call it on the Hugging Face model itself (with PEFTFinetuning: "
             "module=\"model\")."
         )
+    if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        raise SurgeryError(
+            f"{what} is built for causal language models (transformers ...ForCausalLM / GPT2LMHeadModel: virtual "
+            f"tokens in front, the KV cache, generate); got {type(model).__name__}. HINT: use LoRA or bottleneck "
+            "adapters for this model."
+        )
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     hidden = int(get_embeddings().embedding_dim)
