@@ -249,7 +249,7 @@ def test_virtual_tokens_need_a_transformers_causal_lm():
     apply_peft(model, BottleneckConfig(size=2))  # bottleneck adapters fit any transformer with recognisable blocks
 
 
-@pytest.mark.parametrize("method", ["prompt", "bottleneck"])
+@pytest.mark.parametrize("method", list(ALL))
 def test_methods_train_on_a_4bit_base(method):
     pytest.importorskip("bitsandbytes")
     from lightning_lora.surgery import QuantConfig, quantize_model
