@@ -1,6 +1,8 @@
 """Lightning callbacks for LoRA fine-tuning, each thin over :mod:`lightning_lora.surgery`.
 
-* :class:`LoRAFinetuning` -- (quantize and) apply LoRA before the optimizer exists; adapter-only, resumable checkpoints.
+* :class:`PEFTFinetuning` -- (quantize and) attach an adapter of any method (LoRA, bottleneck, prompt / P- / prefix
+  tuning) before the optimizer exists; adapter-only, resumable checkpoints.
+* :class:`LoRAFinetuning` -- its LoRA form.
 * :class:`TrainableParameters` -- report trainable parameters and a memory estimate at fit start.
 * :class:`GradientCheckpointing` -- activation checkpointing on the transformer blocks.
 * :class:`LayerFreezing` -- train only some blocks, unfreezing more on a resumable schedule.
@@ -19,11 +21,12 @@ from lightning_lora.callbacks.layer_freezing import LayerFreezing
 from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning
 from lightning_lora.callbacks.merge_export import MergeAndExport
 from lightning_lora.callbacks.multi_adapter import MultiAdapterEvaluation
+from lightning_lora.callbacks.peft_finetuning import PEFTFinetuning
 from lightning_lora.callbacks.trainable_parameters import TrainableParameters
 from lightning_lora.surgery.errors import CheckpointMismatchError, OptimizerSetupError
 
 __all__ = [
     "AdapterHealth", "AdapterHealthError", "CheckpointMismatchError", "ForgettingMonitor", "GradientCheckpointing",
-    "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
-    "MultiAdapterEvaluation", "OptimizerSetupError", "TrainableParameters",
+    "LayerFreezing", "LoRAFinetuning", "MergeAndExport", "MultiAdapterEvaluation", "OptimizerSetupError",
+    "PEFTFinetuning", "TrainableParameters",
 ]

@@ -72,6 +72,14 @@ class MergeAndExport(Callback):
             return
         target = target_module(pl_module, self.module)
         _, root = find_lora_root(target)
+        config = adapter_configs(root)[self.adapter_name]
+        if hasattr(config, "merge_refusal"):  # bottleneck / prompt / P- / prefix tuning: nothing can be merged
+            from lightning_lora.surgery.io.adapter_files import save_adapter
+
+            save_adapter(root, self.dirpath / "adapter", name=self.adapter_name)
+            rank_zero_info(f"MergeAndExport: wrote the {config.method} adapter {self.adapter_name!r} to "
+                           f"{self.dirpath / 'adapter'}; no merged model is written because {config.merge_refusal}.")
+            return
         probe = getattr(pl_module, "example_input_array", None) if root is pl_module else None
         self.report = export_merged(root, self.dirpath, adapter_name=self.adapter_name, probe=probe,
                                     tokenizer=getattr(pl_module, "tokenizer", None), merge_base=self.merge_base)

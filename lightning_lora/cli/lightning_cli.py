@@ -2,6 +2,8 @@
 
 Adapter health checks (:class:`~lightning_lora.callbacks.AdapterHealth`) are on by default (``--health null`` turns
 them off): a non-finite loss or adapter gradient stops the run naming the step.
+``peft`` selects any other method by class path (``peft: {class_path: lightning_lora.PrefixTuningConfig,
+init_args: {...}}``) and replaces ``lora``; setting both is an error.
 
 The LoRA surgery is added as a :class:`~lightning_lora.callbacks.LoRAFinetuning` callback, so it runs in
 ``setup`` / right after ``configure_model``, before the optimizer exists. The CLI's automatic optimizer is off:
@@ -22,6 +24,7 @@ from lightning_lora.callbacks.adapter_health import AdapterHealth
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.methods.apply import PEFTConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,10 @@ class LoRACLI(LightningCLI):
                             help="LoRA settings (null for no LoRA, e.g. full fine-tuning or layer freezing).")
         quant = _quant_config_type()
         if quant is not None:
-            parser.add_argument("--quantize", type=Optional[quant], default=None,
+            parser.add_argument("--peft", type=Optional[PEFTConfig], default=None,
+                            help="Another method instead of `lora`, by class path: lightning_lora.PromptTuningConfig, "
+                                 "PTuningConfig, PrefixTuningConfig or BottleneckConfig (or LoRAConfig), with init_args.")
+        parser.add_argument("--quantize", type=Optional[quant], default=None,
                                 help="4-bit quantization of the base before LoRA (QLoRA); null for none.")
         parser.add_argument("--lora_module", type=Optional[str], default="model",
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
@@ -65,13 +71,18 @@ class LoRACLI(LightningCLI):
         """Build the Trainer, then put the LoRA callback first so it runs before the others' setup."""
         trainer = super().instantiate_trainer(**kwargs)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        lora, quantize = config.get("lora"), config.get("quantize")
-        if lora is not None or quantize is not None:
+        lora, quantize, peft = config.get("lora"), config.get("quantize"), config.get("peft")
+        options = dict(quantize=quantize, module=config.get("lora_module"),
+                       adapter_only_checkpoints=config.get("adapter_only_checkpoints", True))
+        if peft is not None:
+            from lightning_lora.callbacks import PEFTFinetuning
+
+            _refuse_both(lora, peft)
+            trainer.callbacks.insert(0, PEFTFinetuning(peft, **options))
+        elif lora is not None or quantize is not None:
             from lightning_lora.callbacks import LoRAFinetuning
 
-            callback = LoRAFinetuning(lora, quantize=quantize, module=config.get("lora_module"),
-                                      adapter_only_checkpoints=config.get("adapter_only_checkpoints", True))
-            trainer.callbacks.insert(0, callback)
+            trainer.callbacks.insert(0, LoRAFinetuning(lora, **options))
         health = config.get("health")
         if health is not None and not any(isinstance(cb, AdapterHealth) for cb in trainer.callbacks):
             trainer.callbacks.append(health)
@@ -81,9 +92,21 @@ class LoRACLI(LightningCLI):
         """Log the LoRA and quantization settings with the hyperparameters."""
         config = self.config_init[self.subcommand]
         hparams: dict[str, Any] = {}
-        if config.get("lora") is not None:
+        if config.get("peft") is not None:
+            hparams["peft"] = {"class": type(config["peft"]).__name__, **config["peft"].to_dict()}
+        elif config.get("lora") is not None:
             hparams["lora"] = config["lora"].to_dict()
         if config.get("quantize") is not None:
             hparams["quantize"] = vars(config["quantize"]).copy()
         for logger in self.trainer.loggers:
             logger.log_hyperparams(hparams)
+
+
+def _refuse_both(lora: LoRAConfig | None, peft: Any) -> None:
+    # `lora` has a default (LoRAConfig()), so only a lora section that differs from it counts as set.
+    if lora is not None and lora != LoRAConfig():
+        raise ValueError(
+            f"Both `lora:` ({lora!r}) and `peft:` ({type(peft).__name__}) are set; one adapter method per run.\n"
+            f"HINT: keep `peft:` and set `lora: null` (or delete the lora section) to train {type(peft).__name__}, "
+            "or delete `peft:` to train LoRA."
+        )

@@ -6,6 +6,8 @@ Sub-packages, in dependency order (each imports only those above it, plus :mod:`
   active adapters. Imports none of its siblings.
 * ``quant/`` -- 4-bit bases (bitsandbytes): config, quantization, k-bit preparation, merge bases. Registers its
   codec and merge path with the core.
+* ``methods/`` -- the other methods (prompt, P-, prefix tuning, bottleneck adapters) and ``apply_peft``; imports
+  only ``lora/``.
 * ``io/`` -- files: PEFT format, adapter files and multi-adapter directories, merged export, atomic writes.
 * ``multi/`` -- several adapters at once: mixed batches, combining.
 * ``training/`` -- helpers the Lightning callbacks call: adapter-only checkpoints, activation checkpointing,
@@ -16,6 +18,7 @@ This package and :mod:`lightning_lora` export the same public names.
 
 from lightning_lora.surgery.errors import (
     AdapterLoadError,
+    BottleneckConfigError,
     CheckpointMismatchError,
     CombineError,
     ConfigError,
@@ -26,6 +29,9 @@ from lightning_lora.surgery.errors import (
     MergeError,
     MixedBatchError,
     OptimizerSetupError,
+    PrefixTuningConfigError,
+    PromptTuningConfigError,
+    PTuningConfigError,
     QuantConfigError,
     QuantizationError,
     SurgeryError,
@@ -68,6 +74,11 @@ from lightning_lora.surgery.io.adapter_files import (
     save_adapter,
 )
 from lightning_lora.surgery.io.export import ExportReport, export_merged
+from lightning_lora.surgery.methods.apply import PEFTPlan, add_peft_adapter, apply_peft, plan_peft
+from lightning_lora.surgery.methods.bottleneck import BottleneckConfig
+from lightning_lora.surgery.methods.p_tuning import PTuningConfig
+from lightning_lora.surgery.methods.prefix_tuning import PrefixTuningConfig
+from lightning_lora.surgery.methods.prompt_tuning import PromptTuningConfig
 from lightning_lora.surgery.multi.combine import combine_adapters
 from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache, mixed_batch
 
@@ -76,6 +87,10 @@ __all__ = [
     "AdapterLoadError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
     "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "OptimizerSetupError",
     "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
+    "BottleneckConfigError", "PTuningConfigError", "PrefixTuningConfigError", "PromptTuningConfigError",
+    # the other methods
+    "BottleneckConfig", "PEFTPlan", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "add_peft_adapter",
+    "apply_peft", "plan_peft",
     # LoRA core
     "DEFAULT_ADAPTER", "AdapterSpec", "Codec", "LoRAConfig", "LoRALayer", "LoRAPlan", "MergeBase", "PlannedLayer",
     "SurgeryReport", "adapter_configs", "adapter_parameters", "add_adapter", "apply_lora", "codec_for",

@@ -12,7 +12,11 @@ its config class.
     │   ├── LoRAConfigError            LoRAConfig and block selections (``layers=``)
     │   ├── QuantConfigError           QuantConfig
     │   ├── FreezingConfigError        LayerFreezing
-    │   └── KbitConfigError            prepare_for_kbit_training options
+    │   ├── KbitConfigError            prepare_for_kbit_training options
+    │   ├── PromptTuningConfigError    PromptTuningConfig
+    │   ├── PTuningConfigError         PTuningConfig
+    │   ├── PrefixTuningConfigError    PrefixTuningConfig
+    │   └── BottleneckConfigError      BottleneckConfig
     ├── TargetMatchError (ValueError)  a pattern that matches nothing adaptable
     ├── SurgeryError (RuntimeError)    the model is in a state the surgery cannot start from
     │   └── UnknownAdapterError (also ValueError)
@@ -52,6 +56,22 @@ class FreezingConfigError(ConfigError):
 
 class KbitConfigError(ConfigError):
     """An option of :func:`~lightning_lora.prepare_for_kbit_training` is invalid."""
+
+
+class PromptTuningConfigError(ConfigError):
+    """A :class:`~lightning_lora.PromptTuningConfig` field is invalid."""
+
+
+class PTuningConfigError(ConfigError):
+    """A :class:`~lightning_lora.PTuningConfig` field is invalid."""
+
+
+class PrefixTuningConfigError(ConfigError):
+    """A :class:`~lightning_lora.PrefixTuningConfig` field is invalid."""
+
+
+class BottleneckConfigError(ConfigError):
+    """A :class:`~lightning_lora.BottleneckConfig` field is invalid."""
 
 
 class TargetMatchError(LightningLoRAError, ValueError):
@@ -103,7 +123,9 @@ class NonFiniteError(LightningLoRAError, FloatingPointError):
 
 
 __all__ = [
-    "AdapterLoadError", "CheckpointFileError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
-    "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "NonFiniteError",
-    "OptimizerSetupError", "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
+    "AdapterLoadError", "BottleneckConfigError", "CheckpointFileError", "CheckpointMismatchError", "CombineError",
+    "ConfigError", "FreezingConfigError", "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError",
+    "MixedBatchError", "NonFiniteError", "OptimizerSetupError", "PTuningConfigError", "PrefixTuningConfigError",
+    "PromptTuningConfigError", "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError",
+    "UnknownAdapterError",
 ]

@@ -32,7 +32,7 @@ def _fit_args(config: Path, model: str) -> list[str]:
 def test_every_example_config_is_covered() -> None:
     names = {p.stem for p in EXAMPLES}
     assert {"demo", "lora_attention", "lora_all_linear", "lora_late_layers", "qlora", "layer_freezing",
-            "full_finetune"} <= names
+            "full_finetune", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck"} <= names
 
 
 @pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.stem)
@@ -47,7 +47,7 @@ def test_example_config_runs(config: Path, tiny_model: str, tmp_path: Path, monk
     assert 0 < record["trainable_params"] <= record["total_params"]
     if "LayerFreezing" in config.read_text():
         assert record["trainable_params"] < record["total_params"]  # the embeddings at least stay frozen
-    elif spec.get("lora") is None:
+    elif spec.get("lora") is None and spec.get("peft") is None:
         assert record["trainable_params"] == record["total_params"]  # full fine-tuning
     else:
         assert record["trainable_params"] < record["total_params"] / 2
@@ -152,3 +152,15 @@ def test_predict_subcommand_returns_answers(tiny_model: str, tmp_path: Path, mon
     cli = LoRACLI(args=[*args, "--trainer.limit_predict_batches", "1"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]
     assert rows and {"prediction", "answer"} <= set(rows[0])
+
+
+def test_peft_selects_the_method_and_lora_beside_it_is_refused(tiny_model: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = _fit_args(REPO / "examples/prefix_tuning.yaml", tiny_model)
+    args[args.index("--trainer.fast_dev_run") + 1] = "false"
+    main([*args, "--trainer.max_steps", "1", "--peft.num_virtual_tokens", "4"])
+    hparams = yaml.safe_load(next((tmp_path / "out/prefix_tuning").rglob("hparams.yaml")).read_text())
+    assert hparams["peft"]["class"] == "PrefixTuningConfig" and hparams["peft"]["num_virtual_tokens"] == 4
+    with pytest.raises(ValueError, match=r"(?s)Both `lora:`.*and `peft:` \(PrefixTuningConfig\).*HINT: keep `peft:`"):
+        main([*_fit_args(REPO / "examples/prefix_tuning.yaml", tiny_model), "--lora.r", "4"])

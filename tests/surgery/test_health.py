@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lightning_lora import LoRAConfig, apply_lora
 from lightning_lora.surgery import lora_layers
 from lightning_lora.surgery.diagnostics.health import (
-    AdapterUnit,
     adapter_units,
     nonfinite_tensors,
     pre_training_problems,
-    register_adapter_finder,
     relative_update_sizes,
-    remove_adapter_finder,
 )
 from tests.factories import tiny_llama
 
@@ -33,28 +29,12 @@ def test_lora_units_are_found_structurally_with_their_update() -> None:
     assert nonfinite_tensors(units) == ["model.layers.0.self_attn.q_proj.lora_A"]
 
 
-class PromptTokens(nn.Module):
-    """A stand-in for a future method (prompt tuning): trainable virtual-token embeddings."""
+def test_other_methods_are_adapter_units_and_every_check_covers_them() -> None:
+    from lightning_lora import PromptTuningConfig, apply_peft
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.virtual = nn.Parameter(torch.randn(4, 8))
-
-
-def _prompt_units(model: nn.Module) -> list[AdapterUnit]:
-    return [AdapterUnit(path=p, method="prompt", adapter="default", tensors={"virtual": m.virtual}, active=True)
-            for p, m in model.named_modules() if isinstance(m, PromptTokens)]
-
-
-def test_a_new_method_registers_one_finder_and_every_check_covers_it() -> None:
-    model = nn.Sequential(nn.Linear(8, 8), PromptTokens())
-    assert adapter_units(model) == []
-    register_adapter_finder(_prompt_units)
-    try:
-        units = adapter_units(model)
-        assert [(u.path, u.method) for u in units] == [("1", "prompt")]
-        assert pre_training_problems(units, []) == ["1: virtual in no optimizer param group (never updated)"]
-        assert relative_update_sizes(units) == {}  # no dense update for this method: skipped, not an error
-    finally:
-        remove_adapter_finder(_prompt_units)
-    assert adapter_units(model) == []
+    model = tiny_llama(num_layers=1)
+    apply_peft(model, PromptTuningConfig(num_virtual_tokens=4), name="p")
+    units = adapter_units(model)
+    assert [(u.method, u.adapter, sorted(u.tensors)) for u in units] == [("prompt tuning", "p", ["encoders.p.embedding.weight"])]
+    assert pre_training_problems(units, []) == [f"{units[0].label}: encoders.p.embedding.weight in no optimizer param group (never updated)"]
+    assert relative_update_sizes(units) == {}  # no dense update for this method: skipped, not an error

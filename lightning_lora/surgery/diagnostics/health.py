@@ -3,10 +3,10 @@
 Plain PyTorch, no Lightning: :class:`~lightning_lora.callbacks.AdapterHealth` wires these into training hooks and
 :func:`~lightning_lora.surgery.doctor.diagnose_adapter` uses them on a loaded adapter.
 
-"Which tensors are adapter tensors" lives in ONE place, :func:`adapter_units`: it asks an ordered list of finders,
-one per PEFT method, each returning the :class:`AdapterUnit` s it recognises *structurally* (by module type, never
-by a name substring). A new method (prompt tuning, bottleneck adapters) adds one finder with
-:func:`register_adapter_finder`; every check below then covers it.
+:func:`adapter_units` turns every adapter module of every method (found structurally by
+:func:`~lightning_lora.surgery.lora.inventory.adapter_modules`, never by a name substring) into
+:class:`AdapterUnit` s; LoRA units also know their dense update ``scale * B A``. Every check below covers every
+method.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_modules
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.inventory import lora_layers
+from lightning_lora.surgery.lora.protocol import AdapterModule
 
 
 @dataclass(frozen=True)
@@ -51,58 +52,47 @@ class AdapterUnit:
         return self.path if self.adapter == "default" else f"{self.path}[{self.adapter}]"
 
 
-AdapterFinder = Callable[[nn.Module], list[AdapterUnit]]
-
-
-def _lora_units(model: nn.Module) -> list[AdapterUnit]:
+def _lora_units(path: str, layer: LoRALayer) -> list[AdapterUnit]:
     units = []
-    for path, layer in lora_layers(model):
-        for name, spec in layer.specs.items():
-            active = not layer.disabled and name in layer.active_adapters and name not in layer.merged_adapters
-            units.append(AdapterUnit(
-                path=path, method="lora", adapter=name,
-                tensors={"lora_A": layer.lora_A[name], "lora_B": layer.lora_B[name]},
-                active=active, scale=spec.scale,
-                update=lambda layer=layer, name=name: layer.delta_weight(name),  # (out, in), fp32
-                base_weight=lambda layer=layer: _base_weight(layer),
-            ))
+    for name, spec in layer.specs.items():
+        active = not layer.disabled and name in layer.active_adapters and name not in layer.merged_adapters
+        units.append(AdapterUnit(
+            path=path, method="lora", adapter=name,
+            tensors={"lora_A": layer.lora_A[name], "lora_B": layer.lora_B[name]},
+            active=active, scale=spec.scale,
+            update=lambda layer=layer, name=name: layer.delta_weight(name),  # (out, in), fp32
+            base_weight=lambda layer=layer: _base_weight(layer),
+        ))
     return units
 
 
 def _base_weight(layer: LoRALayer) -> Tensor:
     # The unmerged base, when adapters are merged into it, so the ratio is against the weight they adapt.
-    weight = layer._unmerged_weight if layer._unmerged_weight is not None else layer.codec.get_weight(layer.base_layer)
+    weight = layer.unmerged_weight if layer.unmerged_weight is not None else layer.codec.get_weight(layer.base_layer)
     return weight.detach().float()
 
 
-_FINDERS: list[AdapterFinder] = [_lora_units]
-
-
-def register_adapter_finder(finder: AdapterFinder) -> None:
-    """Teach :func:`adapter_units` a new PEFT method (e.g. prompt tuning: the virtual-token embeddings).
-
-    Args:
-        finder: ``model -> list[AdapterUnit]``, finding the method's modules structurally (by type).
-    """
-    if finder not in _FINDERS:
-        _FINDERS.append(finder)
-
-
-def remove_adapter_finder(finder: AdapterFinder) -> None:
-    """Forget a finder added with :func:`register_adapter_finder` (the LoRA finder stays)."""
-    if finder in _FINDERS and finder is not _lora_units:
-        _FINDERS.remove(finder)
+def _other_units(path: str, module: AdapterModule, configs: dict[str, object]) -> list[AdapterUnit]:
+    # Virtual tokens, prefixes and bottleneck adapters add no dense weight update: no scale, no update size.
+    return [AdapterUnit(path=path, method=getattr(configs.get(name), "method", type(module).__name__), adapter=name,
+                        tensors=dict(params),
+                        active=not module.disabled and name in module.active_adapters)
+            for name, params in module.adapter_params().items()]
 
 
 def adapter_units(model: nn.Module, adapter: str | None = None) -> list[AdapterUnit]:
-    """Every adapter unit of every registered method in ``model``, in model order.
+    """Every adapter unit of every method in ``model``, in model order.
 
     Args:
         model: Any module.
         adapter: Only this adapter's units. Default: all adapters.
     """
-    units = [unit for finder in _FINDERS for unit in finder(model)]
-    return [u for u in units if adapter is None or u.adapter == adapter]
+    configs = adapter_configs(model)
+    units = []
+    for path, module in adapter_modules(model):
+        found = _lora_units(path, module) if isinstance(module, LoRALayer) else _other_units(path, module, configs)
+        units += [u for u in found if adapter is None or u.adapter == adapter]
+    return units
 
 
 def adapter_parameter_ids(units: Iterable[AdapterUnit]) -> set[int]:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import AdapterLoadError, SurgeryError, UnknownAdapterError
+from lightning_lora.surgery.io import method_files
 from lightning_lora.surgery.io.atomic import atomic_dir
 from lightning_lora.surgery.io.peft_format import (
     PEFT_PREFIX,
@@ -26,7 +27,13 @@ from lightning_lora.surgery.io.peft_format import (
 )
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, add_adapter, planned_layers, set_trainable
 from lightning_lora.surgery.lora.config import LoRAConfig
-from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_parameters, find_lora_root, lora_layers
+from lightning_lora.surgery.lora.inventory import (
+    adapter_configs,
+    adapter_modules,
+    adapter_parameters,
+    find_lora_root,
+    lora_layers,
+)
 from lightning_lora.surgery.lora.layer import LoRALayer
 from lightning_lora.surgery.lora.report import SurgeryReport, count_parameters
 from lightning_lora.surgery.lora.targets import candidate_modules, match_pattern, matches_name
@@ -44,7 +51,9 @@ def adapter_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[st
     Includes ``modules_to_save`` weights and the biases chosen by the config's ``bias``.
     """
     _, root = find_lora_root(model)
-    _config_of(root, name)
+    config = _config_of(root, name)
+    if not isinstance(config, LoRAConfig):
+        return method_files.method_state_dict(root, name, config)
     tensors = {_peft_key(path, name): param for path, param in adapter_parameters(root, name).items()}
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
@@ -74,6 +83,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
     """
     _, root = find_lora_root(model)
     config = _config_of(root, name)
+    if not isinstance(config, LoRAConfig):  # prompt / P- / prefix tuning (PEFT's format), bottleneck (ours)
+        return method_files.save_method_adapter(root, path, name, config, task_type=task_type_of(root),
+                                                base_model=base_model_name_or_path or base_model_name(root))
     tensors = adapter_state_dict(root, name)
     wrapped = [p for p, layer in lora_layers(root) if name in layer.specs]
     targets, layers = target_modules_for(root, wrapped, config.modules_to_save)
@@ -139,6 +151,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
     _, root = find_lora_root(model)
     if name in adapter_configs(root) and not replace:
         raise SurgeryError(f"An adapter named {name!r} is already loaded; pass replace=True or another name=.")
+    if method_files.is_method_dir(path):
+        return _load_method(root, path, name, trainable)
     config, tensors = check_adapter_fits(root, path)
     if name in adapter_configs(root):
         _delete_adapter(root, name)
@@ -172,6 +186,9 @@ def check_adapter_fits(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, 
         FileNotFoundError: If files are missing.
         AdapterLoadError: If the files cannot be read or do not fit the model (every problem is listed).
     """
+    if method_files.is_method_dir(path):
+        config, tensors, _ = method_files.check_method_fits(find_lora_root(model)[1], path)
+        return config, tensors
     config, tensors = read_adapter(path)
     tensors = _without_peft_wrapper_keys(tensors)
     _, root = find_lora_root(model)
@@ -281,7 +298,27 @@ def _lora_param(layers: dict[str, LoRALayer], path: str, name: str) -> nn.Parame
 
 
 def _delete_adapter(root: nn.Module, name: str) -> None:
-    for _, layer in lora_layers(root):
+    for _, layer in adapter_modules(root):
         if name in layer.specs:
             layer.delete_adapter(name)
     adapter_configs(root).pop(name, None)
+
+
+def _load_method(root: nn.Module, path: str | Path, name: str, trainable: bool) -> SurgeryReport:
+    method_files.check_method_fits(root, path)  # before any change, also before a replaced adapter goes
+    if name in adapter_configs(root):
+        _delete_adapter(root, name)
+    method_files.load_method_adapter(root, path, name)
+    hosts = [m for _, m in adapter_modules(root) if name in m.specs]
+    for host in hosts:
+        if type(host).__name__ == "VirtualTokens":  # one virtual-token adapter applies at a time
+            host.active_adapters.clear()
+        host.active_adapters.append(name)
+    if trainable:
+        set_trainable(root, name)
+    else:
+        for param in root.parameters():
+            param.requires_grad_(False)
+    trainable_params, total = count_parameters(root)
+    params = sum(p.numel() for p in adapter_parameters(root, name).values())
+    return SurgeryReport(name, [], [], [], trainable_params, total, params)

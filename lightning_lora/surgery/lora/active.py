@@ -26,8 +26,9 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from lightning_lora.surgery.errors import SurgeryError, UnknownAdapterError
-from lightning_lora.surgery.lora.inventory import adapter_configs, lora_layers
+from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_modules
 from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.protocol import AdapterModule
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def list_adapters(model: nn.Module) -> list[str]:
         The adapter names (empty when the model has no LoRA layers).
     """
     names = dict.fromkeys(adapter_configs(model))
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_modules(model):
         names.update(dict.fromkeys(layer.specs))
     return list(names)
 
@@ -53,7 +54,7 @@ def list_adapters(model: nn.Module) -> list[str]:
 def get_active_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters that are active in at least one layer (what a plain forward adds)."""
     names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_modules(model):
         names.update(dict.fromkeys(layer.active_adapters))
     return list(names)
 
@@ -73,14 +74,28 @@ def check_adapter_names(model: nn.Module, names: Sequence[str], what: str) -> No
                                   f"are {known or 'none (apply_lora or load_adapter first)'}.")
 
 
-def _require_lora(model: nn.Module, what: str) -> list[tuple[str, LoRALayer]]:
-    layers = lora_layers(model)
+def require_lora_adapters(model: nn.Module, names: Sequence[str], what: str, error: type[Exception] = SurgeryError) -> None:
+    """Raise ``error`` naming every adapter in ``names`` that is not LoRA (``what`` is a LoRA-only feature)."""
+    from lightning_lora.surgery.lora.config import LoRAConfig
+
+    configs = adapter_configs(model)
+    others = [f"{n!r} ({getattr(configs[n], 'method', type(configs[n]).__name__)})" for n in dict.fromkeys(names)
+              if n in configs and not isinstance(configs[n], LoRAConfig)]
+    if others:
+        raise error(f"{what} works with LoRA adapters only; {', '.join(others)} {'is' if len(others) == 1 else 'are'} "
+                    "not. HINT: use set_active_adapters / use_adapters to switch to such an adapter for a whole batch.")
+
+
+def _require_lora(model: nn.Module, what: str) -> list[tuple[str, AdapterModule]]:
+    # Every adapter-holding module (LoRA layers and the other methods' hosts) switches the same way.
+    layers = adapter_modules(model)
     if not layers:
-        raise SurgeryError(f"{what}: the model has no LoRA layers; apply_lora(model, config) or load_adapter(...) first.")
+        raise SurgeryError(f"{what}: the model has no LoRA layers or other adapters; apply_lora / apply_peft(model, config) or "
+                           "load_adapter(...) first.")
     return layers
 
 
-def _refuse_merged(layers: list[tuple[str, LoRALayer]], what: str) -> None:
+def _refuse_merged(layers: list[tuple[str, AdapterModule]], what: str) -> None:
     merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
     if merged:
         raise SurgeryError(f"{what}: adapters {merged} are merged into the base weights, so they cannot be switched "
@@ -109,18 +124,18 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
         layer.active_adapters[:] = [n for n in dict.fromkeys(wanted) if n in layer.specs]
 
 
-def _snapshot(layers: list[tuple[str, LoRALayer]]) -> list[_LayerState]:
+def _snapshot(layers: list[tuple[str, AdapterModule]]) -> list[_LayerState]:
     return [(list(layer.active_adapters), layer.disabled) for _, layer in layers]
 
 
-def _restore(layers: list[tuple[str, LoRALayer]], states: list[_LayerState]) -> None:
+def _restore(layers: list[tuple[str, AdapterModule]], states: list[_LayerState]) -> None:
     for (_, layer), (active, disabled) in zip(layers, states):
         layer.active_adapters[:] = active
         layer.disabled = disabled
 
 
 @contextlib.contextmanager
-def _restored_after(layers: list[tuple[str, LoRALayer]], *, disabled: bool) -> Iterator[None]:
+def _restored_after(layers: list[tuple[str, AdapterModule]], *, disabled: bool) -> Iterator[None]:
     # Shared by use_adapters / disable_adapters: set every layer's `disabled` flag, restore the exact state on exit.
     states = _snapshot(layers)
     try:
@@ -174,7 +189,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = _require_lora(model, "disable_adapters")
     _refuse_merged(layers, "disable_adapters")
-    shared = sorted(n for n, cfg in adapter_configs(model).items() if cfg.modules_to_save or cfg.bias != "none")
+    shared = sorted(n for n, cfg in adapter_configs(model).items()
+                    if getattr(cfg, "modules_to_save", None) or getattr(cfg, "bias", "none") != "none")
     if shared:
         log.warning("disable_adapters: adapters %s train modules_to_save or biases in place; those stay in effect.", shared)
     with _restored_after(layers, disabled=True):
@@ -193,14 +209,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         SurgeryError: If that adapter is merged (unmerge first).
     """
     check_adapter_names(model, [name], "delete_adapter")
-    layers = lora_layers(model)
+    layers = adapter_modules(model)
     if any(name in layer.merged_adapters for _, layer in layers):
         raise SurgeryError(f"delete_adapter: adapter {name!r} is merged into the base weights; call unmerge_lora(model) "
                            f"first.")
     for path, layer in layers:
         if name in layer.specs:
             layer.delete_adapter(name)
-        if not layer.specs:
+        if not layer.specs and isinstance(layer, LoRALayer):  # other hosts stay, empty: a no-op
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.base_layer)
     adapter_configs(model).pop(name, None)

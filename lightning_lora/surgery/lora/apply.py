@@ -269,10 +269,12 @@ def require_lora_layers(model: nn.Module, what: str) -> list[tuple[str, LoRALaye
 
 
 def unwrap_layers(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
-    """Put each wrapper's base layer back in its place and forget the recorded configs, in place."""
+    """Put each wrapper's base layer back in its place and forget the recorded LoRA configs, in place."""
     for path, layer in layers:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, layer.base_layer)
     _, root = find_lora_root(model)
-    adapter_configs(root).clear()
+    configs = adapter_configs(root)
+    for name in [n for n, c in configs.items() if isinstance(c, LoRAConfig)]:  # other methods' adapters stay
+        del configs[name]

@@ -152,7 +152,7 @@ def _problems(cfg: LoRAConfig) -> list[str]:
     if cfg.init not in ("kaiming", "gaussian"):
         problems.append(f"init={cfg.init!r}: must be 'kaiming' or 'gaussian'.")
     problems += _regex_problems(cfg)
-    problems += _layer_problems(cfg.layers)
+    problems += layer_problems(cfg.layers)
     problems += _pattern_value_problems(cfg)
     return problems
 
@@ -188,7 +188,8 @@ def _pattern_value_problems(cfg: LoRAConfig) -> list[str]:
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
 
 
-def _layer_problems(layers: list[int] | str | None) -> list[str]:
+def layer_problems(layers: list[int] | str | None) -> list[str]:
+    """Problems with a block selection (``layers=``: a list of ints or a slice string), if any; shared by configs."""
     if layers is None:
         return []
     if isinstance(layers, str):

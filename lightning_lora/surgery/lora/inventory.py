@@ -1,18 +1,21 @@
 """Where adapters live on a model: the LoRA layers, the configs recorded for them, and the tensors of each adapter.
 
 Everything here only reads the model (except :func:`record_config`). "Which tensors belong to adapter X" is
-answered in one place, :func:`adapter_parameters`, found structurally (the factors of every :class:`LoRALayer`, the
-modules its config saves, the biases it trains), never by name substrings.
+answered in one place, :func:`adapter_parameters`, found structurally (the tensors of every
+:class:`~lightning_lora.surgery.lora.protocol.AdapterModule` -- LoRA layers and the hosts of the other methods --,
+the modules a LoRA config saves, the biases it trains), never by name substrings.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from torch import nn
 
 from lightning_lora.surgery.lora.config import LoRAConfig
 from lightning_lora.surgery.lora.layer import LoRALayer
+from lightning_lora.surgery.lora.protocol import AdapterModule
 from lightning_lora.surgery.lora.targets import candidate_modules, matches_name
 
 _CONFIGS_ATTR = "_lora_configs"
@@ -23,7 +26,12 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
 
 
-def record_config(model: nn.Module, name: str, config: LoRAConfig) -> None:
+def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterModule]]:
+    """Every module holding adapters (LoRA layers and the other methods' hosts) with its path, in model order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterModule)]
+
+
+def record_config(model: nn.Module, name: str, config: Any) -> None:
     """Remember adapter ``name``'s config on the module that the surgery was called on (the surgery root).
 
     A copy is kept: configs are frozen, and the copy also protects the lists inside from a later change.
@@ -32,8 +40,11 @@ def record_config(model: nn.Module, name: str, config: LoRAConfig) -> None:
     configs[name] = copy.deepcopy(config)
 
 
-def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig]:
-    """The configs recorded on the surgery root at or below ``model``, by adapter name (empty when none)."""
+def adapter_configs(model: nn.Module) -> dict[str, Any]:
+    """The configs recorded on the surgery root at or below ``model``, by adapter name (empty when none).
+
+    Values are :class:`LoRAConfig` for LoRA adapters and the other methods' configs (``PromptTuningConfig``...).
+    """
     return find_lora_root(model)[1].__dict__.get(_CONFIGS_ATTR, {})
 
 
@@ -52,6 +63,8 @@ def find_lora_root(model: nn.Module) -> tuple[str, nn.Module]:
 def modules_to_save_paths(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Paths of the modules that ``config.modules_to_save`` selects (outermost matches only)."""
     paths: list[str] = []
+    if not isinstance(config, LoRAConfig):
+        return paths
     for path in candidate_modules(model):
         if path and any(matches_name(p, path) for p in config.modules_to_save):
             if not any(path.startswith(f"{kept}.") for kept in paths):
@@ -65,18 +78,18 @@ def adapter_parameters(model: nn.Module, name: str | None = None, *, factors_onl
     Args:
         model: The adapted model, or any module holding it (keys are then relative to this module).
         name: The adapter. Default: every adapter.
-        factors_only: Only the LoRA factors ``lora_A`` / ``lora_B``; otherwise also the ``modules_to_save`` and
-            the biases the adapter's config trains. Default: False.
+        factors_only: Only the tensors held by adapter modules (LoRA factors, bottleneck and virtual-token
+            weights); otherwise also the ``modules_to_save`` and the biases a LoRA config trains. Default: False.
 
     Returns:
         Path -> parameter, in model order (keys as ``model.named_parameters()`` writes them).
     """
     found: dict[str, nn.Parameter] = {}
-    for path, layer in lora_layers(model):
-        for adapter in layer.specs:
+    for path, module in adapter_modules(model):
+        head = f"{path}." if path else ""
+        for adapter, params in module.adapter_params().items():
             if name is None or adapter == name:
-                found[f"{path}.lora_A.{adapter}"] = layer.lora_A[adapter]
-                found[f"{path}.lora_B.{adapter}"] = layer.lora_B[adapter]
+                found.update({f"{head}{key}": param for key, param in params.items()})
     if not factors_only:
         found.update(_saved_and_bias_parameters(model, name))
     return found
@@ -88,7 +101,7 @@ def _saved_and_bias_parameters(model: nn.Module, name: str | None) -> dict[str, 
     configs = adapter_configs(root)
     found: dict[str, nn.Parameter] = {}
     for adapter, config in configs.items():
-        if name is not None and adapter != name:
+        if (name is not None and adapter != name) or not isinstance(config, LoRAConfig):
             continue
         if config.bias == "all":
             found.update({f"{head}{p}": param for p, param in _biases(root)})

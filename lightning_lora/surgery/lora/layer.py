@@ -68,6 +68,11 @@ class LoRALayer(nn.Module):
         return self.base_layer.weight
 
     @property
+    def unmerged_weight(self) -> Tensor | None:
+        """The base weight as it was before adapters were merged (kept by ``merge(keep_original=True)``), or None."""
+        return self._unmerged_weight
+
+    @property
     def bias(self) -> Tensor | None:
         """The base layer's bias, or None."""
         return getattr(self.base_layer, "bias", None)
@@ -104,6 +109,10 @@ class LoRALayer(nn.Module):
         if active:
             self.active_adapters.append(name)
         self.derived.clear()
+
+    def adapter_params(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Adapter name -> its factors, keyed by their path in this layer (``lora_A.<name>``, ``lora_B.<name>``)."""
+        return {n: {f"lora_A.{n}": self.lora_A[n], f"lora_B.{n}": self.lora_B[n]} for n in self.specs}
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (it must not be merged)."""

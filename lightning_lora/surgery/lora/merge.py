@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from lightning_lora.surgery.errors import MergeError
 from lightning_lora.surgery.lora.active import check_adapter_names
 from lightning_lora.surgery.lora.apply import require_lora_layers, unwrap_layers
+from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.lora.layer import LoRALayer
 
 MergeBase = Literal["dequantized", "original", "requantize"]
@@ -66,6 +68,7 @@ def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: b
             fit the model; nothing is changed then.
         SurgeryError: If the model has no LoRA layer, or ``adapters`` names an adapter it does not have.
     """
+    refuse_unmergeable(model, adapters, "merge_lora")
     layers = require_lora_layers(model, "merge_lora")
     check_adapter_names(model, adapters or [], "merge_lora")  # a typo would otherwise merge nothing and unload all
     for applies, merge_onto_base in _MERGE_PATHS:
@@ -86,6 +89,22 @@ def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: b
     if unload:
         unwrap_layers(model, layers)
     return model
+
+
+def refuse_unmergeable(model: nn.Module, adapters: list[str] | None, what: str) -> None:
+    """Raise :class:`MergeError` when ``adapters`` (default: the model's, if none of them is LoRA) are of a method
+    that cannot be folded into the weights (bottleneck, prompt, P- or prefix tuning), saying why and what to do."""
+    configs = adapter_configs(model)
+    others = {n: c for n, c in configs.items() if not isinstance(c, LoRAConfig)}
+    chosen = [n for n in (adapters or []) if n in others]
+    if adapters is None and others and len(others) == len(configs):
+        chosen = list(others)
+    if chosen:
+        reasons = "; ".join(f"{n!r} is {getattr(others[n], 'method', type(others[n]).__name__)}: "
+                            f"{getattr(others[n], 'merge_refusal', 'it cannot be folded into the weights')}"
+                            for n in chosen)
+        raise MergeError(f"{what}: cannot merge {reasons}. HINT: serve the model unmerged with the adapter attached "
+                         "(save_adapter / load_adapter), or train a LoRA adapter (LoRAConfig) if you need a merged model.")
 
 
 def _to_merge(layer: LoRALayer, adapters: list[str] | None) -> list[str]:

@@ -41,7 +41,7 @@ from lightning_lora.surgery.lora.apply import add_adapter
 from lightning_lora.surgery.lora.config import LoRAConfig
 from lightning_lora.surgery.errors import CombineError, SurgeryError
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.active import check_adapter_names, list_adapters
+from lightning_lora.surgery.lora.active import check_adapter_names, list_adapters, require_lora_adapters
 from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root, lora_layers
 from lightning_lora.surgery.lora.report import SurgeryReport, count_parameters
 
@@ -99,6 +99,7 @@ def _check_inputs(root: nn.Module, adapters: Sequence[str], weights: Sequence[fl
     if not inputs:
         raise CombineError("combine_adapters: adapters=[]; give at least one adapter name.")
     check_adapter_names(root, inputs, "combine_adapters")
+    require_lora_adapters(root, inputs, "combine_adapters", CombineError)
     if name in list_adapters(root):
         raise SurgeryError(f"combine_adapters: an adapter named {name!r} exists already; choose another name= or "
                            f"delete_adapter(model, {name!r}) first.")

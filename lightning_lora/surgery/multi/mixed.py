@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import MixedBatchError, SurgeryError, UnknownAdapterError
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.active import list_adapters
+from lightning_lora.surgery.lora.active import list_adapters, require_lora_adapters
 from lightning_lora.surgery.lora.inventory import lora_layers
 
 BASE = "base"
@@ -74,6 +74,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: in
             already inside ``mixed_batch``.
     """
     names = _check_names(model, adapter_names, num_beams)
+    require_lora_adapters(model, names, "mixed_batch", MixedBatchError)
     layers = _check_state(lora_layers(model))
     router = _Router(names, num_beams, {id(layer): path for path, layer in layers})
     try:

@@ -25,7 +25,7 @@ from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_param
 
 _GUARDS_ATTR = "_lora_load_guards"
 _HINT = (
-    "HINT: resume with the same base model and the same LoRA settings (config, adapter_name, module) that wrote the "
+    "HINT: resume with the same base model and the same adapter settings (config, adapter_name, module) that wrote the "
     "checkpoint. To start a new run from trained adapters instead, export them with save_adapter(...) and apply them "
     "with load_adapter(model, path, trainable=True)."
 )
@@ -118,7 +118,7 @@ def _refuse_nonfinite(keys: list[str]) -> None:
 
 
 def _mismatch_message(adapter_name: str, missing: list[str], shapes: list[str], unexpected: list[str]) -> str:
-    parts = [f"The checkpoint does not fit this model's LoRA adapter {adapter_name!r}; loading it would leave "
+    parts = [f"The checkpoint does not fit this model's adapter {adapter_name!r}; loading it would leave "
              "adapter weights at their initial values, so it is refused."]
     for label, items in (("missing from the checkpoint (adapter or trainable tensors)", missing),
                          ("with another shape", shapes), ("in the checkpoint but not in the model", unexpected)):

@@ -24,20 +24,21 @@ from torch import nn
 
 from lightning_lora.surgery.lora.config import parse_layer_slice
 from lightning_lora.surgery.errors import LoRAConfigError
-from lightning_lora.surgery.lora.inventory import adapter_parameters, lora_layers
+from lightning_lora.surgery.lora.inventory import adapter_modules, adapter_parameters
 from lightning_lora.surgery.lora.targets import block_index, candidate_modules, matches_name, num_blocks, resolve_layers, unmatched_error
 
 BlockSpec = list[int] | str | None
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """``id()`` of every LoRA factor (``lora_A`` / ``lora_B`` of any adapter) in the model."""
+    """``id()`` of every adapter tensor (LoRA factors and the other methods' weights) in the model."""
     return {id(p) for p in adapter_parameters(model, factors_only=True).values()}
 
 
 def has_lora(model: nn.Module) -> bool:
-    """Whether the model holds at least one LoRA layer."""
-    return bool(lora_layers(model))
+    """Whether the model holds at least one adapter (a LoRA layer or another method's: their surgery chose what
+    trains, so layer freezing adds to it instead of freezing it)."""
+    return bool(adapter_modules(model))
 
 
 def block_spec_problems(blocks: BlockSpec, what: str = "blocks") -> list[str]:

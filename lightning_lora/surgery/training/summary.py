@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_lora.surgery.lora.inventory import lora_layers
+from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_parameters, lora_layers
 from lightning_lora.surgery.lora.report import parameter_count
 from lightning_lora.surgery.lora.targets import block_index
 
@@ -39,7 +39,9 @@ class ParameterSummary:
         by_kind: Trainable parameters per layer kind: the last name of the adapted layer for LoRA factors
             (``q_proj``), of the owning module otherwise (``lm_head``).
         by_block: Trainable parameters per transformer block (``"block 3"``) and outside any block (``"other"``).
-        adapter_params / adapter_bytes: LoRA factors only.
+        by_method: Trainable adapter parameters per method (``"LoRA"``, ``"prefix tuning"``...).
+        adapter_params / adapter_bytes: The adapters' own tensors (LoRA factors, bottleneck and virtual-token
+            weights), without ``modules_to_save``.
         weight_bytes: Storage of every parameter and buffer. gradient_bytes: One gradient per trainable parameter.
         optimizer_bytes: Optimizer states for the trainable parameters; ``optimizer`` names the optimizer and
             ``optimizer_states`` how many states per parameter were assumed.
@@ -49,6 +51,7 @@ class ParameterSummary:
     total: int
     by_kind: dict[str, int] = field(default_factory=dict)
     by_block: dict[str, int] = field(default_factory=dict)
+    by_method: dict[str, int] = field(default_factory=dict)
     adapter_params: int = 0
     adapter_bytes: int = 0
     weight_bytes: int = 0
@@ -81,6 +84,8 @@ class ParameterSummary:
             lines.append("  by kind:  " + ", ".join(f"{k} {v:,}" for k, v in self.by_kind.items()))
         if self.by_block:
             lines.append("  by block: " + ", ".join(f"{k} {v:,}" for k, v in self.by_block.items()))
+        if self.by_method:
+            lines.append("  by method: " + ", ".join(f"{k} {v:,}" for k, v in self.by_method.items()))
         lines.append(f"  adapters: {self.adapter_params:,} parameters, {_human(self.adapter_bytes)}")
         lines.append(f"  memory estimate: weights {_human(self.weight_bytes)} + gradients {_human(self.gradient_bytes)} "
                      f"+ optimizer states {_human(self.optimizer_bytes)} ({self.optimizer}, {self.optimizer_states} per "
@@ -109,7 +114,10 @@ def summarize_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | No
         A :class:`ParameterSummary`; ``print(summary)`` shows a report.
     """
     kinds = _kind_of_parameters(model)
-    adapters = {id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
+    methods = _method_of_parameters(model)
+    kinds.update({path: method for path, method in methods.items() if method != "LoRA"})
+    adapters = {id(p) for p in adapter_parameters(model, factors_only=True).values()}
+    by_method: dict[str, int] = defaultdict(int)
     summary = ParameterSummary(trainable=0, total=0)
     by_kind: dict[str, int] = defaultdict(int)
     by_block: dict[str, int] = defaultdict(int)
@@ -130,8 +138,10 @@ def summarize_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | No
             by_kind[kinds.get(name, name.rsplit(".", 1)[0].rsplit(".", 1)[-1])] += n
             block = block_index(name)
             by_block["other" if block is None else f"block {block}"] += n
+            if name in methods:
+                by_method[methods[name]] += n
     summary.weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    summary.by_kind, summary.by_block = dict(by_kind), _sorted_blocks(by_block)
+    summary.by_kind, summary.by_block, summary.by_method = dict(by_kind), _sorted_blocks(by_block), dict(by_method)
     summary.optimizer, summary.optimizer_states, state_bytes = _optimizer_states(optimizer)
     summary.optimizer_bytes = _optimizer_bytes(model, summary.optimizer_states, state_bytes)
     return summary
@@ -145,6 +155,15 @@ def _kind_of_parameters(model: nn.Module) -> dict[str, str]:
         for pname, _ in layer.named_parameters():
             kinds[f"{path}.{pname}"] = leaf
     return kinds
+
+
+def _method_of_parameters(model: nn.Module) -> dict[str, str]:
+    """Adapter tensors by path -> their method in words (``"LoRA"``, ``"bottleneck adapters"``...)."""
+    methods = {}
+    for name, config in adapter_configs(model).items():
+        label = getattr(config, "method", "LoRA")
+        methods.update({path: label for path in adapter_parameters(model, name, factors_only=True)})
+    return methods
 
 
 def _sorted_blocks(by_block: dict[str, int]) -> dict[str, int]:
