@@ -5,6 +5,7 @@
 * :class:`GradientCheckpointing` -- activation checkpointing on the transformer blocks.
 * :class:`LayerFreezing` -- train only some blocks, unfreezing more on a resumable schedule.
 * :class:`MergeAndExport` -- write the adapter and a merged model at the end of fit.
+* :class:`LineProgressBar` -- plain progress lines (step, loss, it/s, ETA) for logs that are not a terminal.
 
 They compose in any order: work that must precede the optimizer runs right after ``configure_model`` in a fixed
 order (LoRA surgery, then freezing, then checkpointing).
@@ -15,10 +16,11 @@ from lightning_lora.callbacks.layer_freezing import LayerFreezing
 from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning, OptimizerSetupError
 from lightning_lora.callbacks.merge_export import MergeAndExport
 from lightning_lora.callbacks.multi_adapter import MultiAdapterEvaluation
+from lightning_lora.callbacks.progress import CompactModelSummary, LineProgressBar, StepRichProgressBar
 from lightning_lora.callbacks.trainable_parameters import TrainableParameters
 from lightning_lora.surgery.checkpoint import CheckpointMismatchError
 
 __all__ = [
-    "CheckpointMismatchError", "GradientCheckpointing", "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
+    "CheckpointMismatchError", "CompactModelSummary", "GradientCheckpointing", "LineProgressBar", "StepRichProgressBar", "LayerFreezing", "LoRAFinetuning", "MergeAndExport",
     "MultiAdapterEvaluation", "OptimizerSetupError", "TrainableParameters",
 ]
