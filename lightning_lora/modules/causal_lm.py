@@ -112,6 +112,28 @@ class CausalLMModule(L.LightningModule):
         # leave dropout (LoRA's included) off during training.
         self.model.train(self.training)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Outside a Trainer, rebuild the adapters that an adapter-only checkpoint holds.
+
+        ``CausalLMModule.load_from_checkpoint(path)`` builds a module without adapters, then loads the checkpoint's
+        state dict; Lightning runs only the module's own hooks there. So this hook loads the base model and applies
+        the LoRA settings stored by :class:`~lightning_lora.callbacks.LoRAFinetuning`, checking that the base model
+        is the one the adapters were trained on. Inside a Trainer (resume) the callback has done that already.
+        """
+        from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning
+        from lightning_lora.surgery.registry import adapter_configs
+
+        states = LoRAFinetuning.states_in(checkpoint)
+        if not states or self._trainer is not None:
+            return
+        self.configure_model()
+        for state in states:
+            if state.get("adapter_name") in adapter_configs(self._require_model()):
+                continue
+            callback = LoRAFinetuning.from_state(state)
+            callback.apply(self)
+            callback.load_state_dict(state)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model; returns its output (with ``.loss`` when ``labels`` is given)."""
         return self._require_model()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -211,7 +233,6 @@ class CausalLMModule(L.LightningModule):
         self.configure_model()
         metric = ExactMatch().to(self.device)
         was_training = self.training
-        self.eval()
         try:
             for batch in dataloader:
                 missing = {"gen_input_ids", "gen_attention_mask", "answers"} - set(batch)
