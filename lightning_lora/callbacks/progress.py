@@ -133,6 +133,10 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _count(n: float) -> str:
+    return get_human_readable_count(int(n)).strip()
+
+
 class StepRichProgressBar(RichProgressBar):
     """Lightning's rich progress bar; ``Training`` instead of ``Epoch 0/-2`` for step-limited runs, no ``v_num``."""
 
@@ -162,9 +166,9 @@ class CompactModelSummary(ModelSummary):
         rows.append("-" * len(rows[0]))
         for i in range(len(columns[0][1]) if columns else 0):
             rows.append(" | ".join(f"{values[i]:<{w}}" for (_, values), w in zip(columns, widths)))
-        rows.append(f"Trainable params: {get_human_readable_count(trainable_parameters)} | "
-                    f"non-trainable: {get_human_readable_count(total_parameters - trainable_parameters)} | "
-                    f"total: {get_human_readable_count(total_parameters)} ({model_size:,.3f} MB)")
+        rows.append(f"Trainable params: {_count(trainable_parameters)} | non-trainable: "
+                    f"{_count(total_parameters - trainable_parameters)} | total: {_count(total_parameters)} "
+                    f"({model_size:,.3f} MB)")
         if total_flops:
-            rows.append(f"Total FLOPs: {get_human_readable_count(total_flops)}")
+            rows.append(f"Total FLOPs: {_count(total_flops)}")
         sys.stdout.write("\n".join(rows) + "\n")
