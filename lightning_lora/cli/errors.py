@@ -159,7 +159,9 @@ def user_error_message(err: BaseException) -> str | None:
         chain.append(current)
         current = current.__cause__ or current.__context__
     for exc in chain:
-        if isinstance(exc, (CommandLineError, LoRAConfigError, TargetMatchError, AdapterLoadError, QuantizationError)):
+        if isinstance(exc, TargetMatchError):  # its hint names the Python API; on the command line that is `plan`
+            return re.sub(r"\s*Run plan_lora\(model, config\) to see what a config selects\.", "", str(exc))
+        if isinstance(exc, (CommandLineError, LoRAConfigError, AdapterLoadError, QuantizationError)):
             return str(exc)
         if type(exc).__name__ in ("DataFormatError", "DataFileNotFoundError") or isinstance(exc, FileNotFoundError):
             return str(exc)

@@ -1,7 +1,8 @@
 """``lightning-lora plan``: the dry run. Shows which layers a LoRA config would wrap, before anything trains.
 
-The model is built from its config on the ``meta`` device, so no weights are read and even large models plan in
-about a second.
+The model is built from its config on the ``meta`` device, so no weights are read and the size of the model hardly
+matters. Measured 2026-12-06 on a shared 2-core AMD EPYC under load from other jobs: building SmolLM2-135M on ``meta``
+and selecting took ~1.5 s; the whole command took ~10-25 s, almost all of it importing torch and transformers.
 """
 
 from __future__ import annotations
