@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # the real imports, for type checkers and IDEs
         unload_lora,
         unmerge_lora,
     )
-
     from lightning_lora.surgery.combine import CombineError, combine_adapters
     from lightning_lora.surgery.mixed import MixedBatchError, mixed_batch
     from lightning_lora.surgery.multi import (

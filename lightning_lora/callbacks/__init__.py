@@ -16,7 +16,11 @@ from lightning_lora.callbacks.layer_freezing import LayerFreezing
 from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning, OptimizerSetupError
 from lightning_lora.callbacks.merge_export import MergeAndExport
 from lightning_lora.callbacks.multi_adapter import MultiAdapterEvaluation
-from lightning_lora.callbacks.progress import CompactModelSummary, LineProgressBar, StepRichProgressBar
+from lightning_lora.callbacks.progress import (
+    CompactModelSummary,
+    LineProgressBar,
+    StepRichProgressBar,
+)
 from lightning_lora.callbacks.trainable_parameters import TrainableParameters
 from lightning_lora.surgery.checkpoint import CheckpointMismatchError
 

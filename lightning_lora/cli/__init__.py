@@ -17,7 +17,12 @@ import sys
 from collections.abc import Sequence
 
 from lightning_lora.cli.commands import COMMANDS, Command, closest, find, overview
-from lightning_lora.cli.errors import EXIT_USAGE, CommandLineError, debug_enabled, user_error_message
+from lightning_lora.cli.errors import (
+    EXIT_USAGE,
+    CommandLineError,
+    debug_enabled,
+    user_error_message,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -38,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(_unknown_command(args[0]))
     try:
         run(command, args[1:])
-    except Exception as err:  # noqa: BLE001 - only user errors become short messages; the rest re-raise
+    except Exception as err:  # only errors the user can fix become short messages; the rest re-raise
         message = user_error_message(err)
         if message is None or debug_enabled():
             raise

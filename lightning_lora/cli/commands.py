@@ -70,7 +70,7 @@ def overview(prog: str = "lightning-lora") -> str:
         *(f"  {c.name:<{width}}  {c.help}" for c in COMMANDS),
         "",
         f"Run `{prog} <command> --help` for a command's options (flags use underscores: --trainer.max_steps).",
-        f"Set LIGHTNING_LORA_DEBUG=1 to see full tracebacks instead of one-line errors.",
+        "Set LIGHTNING_LORA_DEBUG=1 to see full tracebacks instead of one-line errors.",
         f"Example: {prog} fit --config examples/demo.yaml",
     ]
     return "\n".join(lines) + "\n"

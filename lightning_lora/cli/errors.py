@@ -151,7 +151,12 @@ def _is_noise(line: str) -> bool:
 
 def user_error_message(err: BaseException) -> str | None:
     """The message to print for an error the user can fix (bad config, data, model path), else None."""
-    from lightning_lora.surgery.errors import AdapterLoadError, LoRAConfigError, QuantizationError, TargetMatchError
+    from lightning_lora.surgery.errors import (
+        AdapterLoadError,
+        LoRAConfigError,
+        QuantizationError,
+        TargetMatchError,
+    )
 
     chain: list[BaseException] = []
     current: BaseException | None = err

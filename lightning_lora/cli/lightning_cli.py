@@ -49,19 +49,26 @@ class LoRACLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", LoRAArgumentParser)
-        from lightning_lora.cli.quiet import quiet_progress_bars_when_logging
+        kwargs.setdefault("parser_kwargs", {"prog": "lightning-lora"})
+        from lightning_lora.cli.quiet import (
+            quiet_known_noise,
+            quiet_progress_bars_when_logging,
+        )
 
+        quiet_known_noise()
         quiet_progress_bars_when_logging()
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--lora.*``, ``--quantize.*``, ``--lora_module`` and ``--adapter_only_checkpoints``."""
         parser.add_argument("--lora", type=Optional[LoRAConfig], default=LoRAConfig(),
-                            help="LoRA settings (null for no LoRA, e.g. full fine-tuning or layer freezing).")
+                            help="LoRA settings as flat keys (--lora.r 8 --lora.targets all-linear; --lora.help LoRAConfig lists them), or "
+                                 "null for no LoRA (full fine-tuning, layer freezing).")
         quant = _quant_config_type()
         if quant is not None:
             parser.add_argument("--quantize", type=Optional[quant], default=None,
-                                help="4-bit quantization of the base before LoRA (QLoRA); null for none.")
+                                help="4-bit quantization of the base before LoRA (QLoRA), e.g. --quantize.quant_type nf4 "
+                                     "(--quantize.help QuantConfig lists the keys); null for none.")
         parser.add_argument("--lora_module", type=Optional[str], default="model",
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
         parser.add_argument("--adapter_only_checkpoints", type=bool, default=True,
@@ -85,15 +92,18 @@ class LoRACLI(LightningCLI):
             plan_for(name, LoRAConfig(**vars(lora)))
         except TargetMatchError as err:
             lines = [line for line in str(err).splitlines() if "plan_lora(" not in line]
-            raise CommandLineError("\n".join([*lines, f"See what targets select without loading weights: "
-                                                     f"lightning-lora plan --model {name} --lora.targets ..."])) from err
+            hint = f"See what targets select without loading weights: lightning-lora plan --model {name} --lora.targets ..."
+            raise CommandLineError("\n".join([*lines, hint])) from err
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Add a readable progress bar (plain lines when stdout is not a terminal) and a model summary without FLOPs."""
         given = [*(config.get("callbacks") or []), *callbacks]
         extra: list[Callback] = []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            from lightning_lora.callbacks.progress import LineProgressBar, StepRichProgressBar
+            from lightning_lora.callbacks.progress import (
+                LineProgressBar,
+                StepRichProgressBar,
+            )
 
             extra.append(StepRichProgressBar() if sys.stdout.isatty() else LineProgressBar())
         if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):

@@ -31,7 +31,7 @@ _LOG_FILTERS = (
 _WARNING_FILTERS = (
     # Lightning 2.6 calls torch's deprecated LeafSpec check (fixed upstream; nothing for a user to do).
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning, r"lightning\.pytorch\.utilities\._pytree"),
-    # Something outside the user's code (Lightning's attribute walks) reads transformers' deprecated property.
+    # PEFT 0.21 reads transformers' deprecated property (peft_model.py: getattr(model, "is_gradient_checkpointing")).
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
 )
 

@@ -8,7 +8,11 @@ import re
 import lightning as L
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_lora.callbacks import CompactModelSummary, LineProgressBar, StepRichProgressBar
+from lightning_lora.callbacks import (
+    CompactModelSummary,
+    LineProgressBar,
+    StepRichProgressBar,
+)
 
 
 class LoggingModel(BoringModel):
@@ -47,8 +51,7 @@ def test_line_progress_counts_epochs_when_there_is_no_max_steps() -> None:
 
 def test_rich_bar_says_training_not_epoch_minus_two_and_hides_v_num() -> None:
     bar = StepRichProgressBar()
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[bar], enable_checkpointing=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer = _trainer([bar], max_steps=2, enable_model_summary=False)
     model = LoggingModel()
     trainer.fit(model)
     assert trainer.max_epochs == -1

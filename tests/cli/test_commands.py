@@ -33,7 +33,7 @@ def _cli(*args: str, cwd: Path, python_flags: Sequence[str] = (), stdout: int | 
          ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("LIGHTNING_LORA_DEBUG", None)
-    return subprocess.run([sys.executable, *python_flags, "-m", "lightning_lora.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, *python_flags, "-m", "lightning_lora.cli", *args], check=False, cwd=cwd, env=env,
                           stdout=stdout, stderr=subprocess.PIPE if stdout == subprocess.PIPE else subprocess.STDOUT,
                           text=True, timeout=900)
 
