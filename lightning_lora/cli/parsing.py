@@ -19,7 +19,10 @@ def use_flat_config_keys() -> None:
     from lightning_lora.surgery.config import LoRAConfig
     from lightning_lora.surgery.quant_config import QuantConfig
 
-    set_parsing_settings(subclasses_disabled=[LoRAConfig, QuantConfig])
+    try:
+        set_parsing_settings(subclasses_disabled=[LoRAConfig, QuantConfig])
+    except TypeError:  # jsonargparse before the setting existed: the class_path form still parses
+        pass
 
 
 def config_field_options() -> list[str]:
