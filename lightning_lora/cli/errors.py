@@ -74,8 +74,8 @@ def check_yaml_files(paths: Iterable[str]) -> None:
 
     for path in paths:
         file = Path(path)
-        if not file.is_file():
-            raise CommandLineError(f"config file {path!r} not found (current directory: {Path.cwd()}).")
+        if not file.is_file():  # jsonargparse reports a missing file, and also accepts inline YAML here
+            continue
         text = file.read_text()
         try:
             yaml.safe_load(text)
@@ -101,14 +101,34 @@ def short_parse_error(message: str, options: Iterable[str] = ()) -> str:
     """One or two lines from a jsonargparse error message, with a close match for an unknown option."""
     unknown = _unknown_option(message)
     if unknown is not None:
-        close = difflib.get_close_matches(unknown, [o for o in options if o.startswith("--")], n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        names = [o[2:] for o in options if o.startswith("--")]
+        close = difflib.get_close_matches(unknown.lstrip("-"), names, n=1, cutoff=0.7)
+        hint = f"; did you mean --{close[0]}?" if close else ""
         return f"unknown option {unknown}{hint} (see --help for the valid options)"
     own = _own_validation_lines(message)
     if own:
         return "\n".join(own)
+    bad_value = _bad_value(message)
+    if bad_value is not None:
+        return bad_value
     kept = [line.strip() for line in message.splitlines() if line.strip() and not _is_noise(line)]
     return "\n".join(kept[:3])
+
+
+def _bad_value(message: str) -> str | None:
+    """``Parser key "lora": ... Parser key "bias": Expected a Literal[...]. Got value: x`` -> one line."""
+    expected = re.search(r"Expected a (.+?)\. Got value: (.*)", message)
+    if expected is None:
+        return None
+    keys: list[str] = []
+    for key in re.findall(r'Parser key "([\w.]+)"', message[:expected.start()]):
+        keys.append(key[len(keys[-1]) + 1:] if keys and key.startswith(f"{keys[-1]}.") else key)
+    option = f"--{'.'.join(keys)}" if keys else "a value"
+    wanted, got = expected.group(1), expected.group(2).strip()
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", wanted)
+    kind = re.fullmatch(r"<class '([\w.]+)'>", wanted)
+    wanted = f"one of {literal.group(1)}" if literal else f"a value of type {kind.group(1)}" if kind else wanted
+    return f"{option}: expected {wanted}, got {got!r}"
 
 
 def _unknown_option(message: str) -> str | None:
@@ -141,6 +161,7 @@ def _own_validation_lines(message: str) -> list[str]:
 
 
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+          "- Problem with given class_path",
           "Expected a <class 'NoneType'>", "- Expected a <class 'NoneType'>")
 
 
