@@ -142,3 +142,12 @@ def test_demo_redirected_to_a_file_prints_progress_lines_and_no_noise(tiny_model
                   "Loading weights:", "Trainer already configured"):
         assert noise not in text
     assert (tmp_path / "out/demo/export/adapter/adapter_config.json").is_file()
+
+
+def test_debug_switch_shows_the_original_error(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["plan", "--lora.r", "-3"]) == 2
+    assert "r=-3: the rank must be a positive integer" in capsys.readouterr().err
+    monkeypatch.setenv("LIGHTNING_LORA_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"r=-3: the rank must be a positive integer"):
+        main(["plan", "--lora.r", "-3"])
