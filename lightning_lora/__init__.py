@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # the real imports, for type checkers and IDEs
     )
 
 # Public names, imported on first use (PEP 562) so that `lightning-lora --help` does not wait for torch.
+_SUBPACKAGES = ("callbacks", "cli", "data", "modules", "surgery")
 _LAZY: dict[str, str] = {
     "AdapterLoadError": "lightning_lora.surgery",
     "LoRAConfig": "lightning_lora.surgery",
@@ -102,6 +103,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:  # `import lightning_lora; lightning_lora.surgery.x` keeps working
+        return importlib.import_module(f"{__name__}.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")
