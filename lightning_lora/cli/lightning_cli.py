@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_lora.cli.errors import CommandLineError
-from lightning_lora.cli.parsing import ShortErrors, use_flat_config_keys
+from lightning_lora.cli.parsing import ShortErrors, flat_keys_help, use_flat_config_keys
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.config import LoRAConfig
@@ -62,13 +62,13 @@ class LoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--lora.*``, ``--quantize.*``, ``--lora_module`` and ``--adapter_only_checkpoints``."""
         parser.add_argument("--lora", type=Optional[LoRAConfig], default=LoRAConfig(),
-                            help="LoRA settings as flat keys (--lora.r 8 --lora.targets all-linear; --lora.help LoRAConfig lists them), or "
-                                 "null for no LoRA (full fine-tuning, layer freezing).")
+                            help="LoRA settings, or null for none (full fine-tuning, layer freezing). Keys: "
+                                 f"{flat_keys_help('lora', LoRAConfig)}. `--lora.help LoRAConfig` explains each key.")
         quant = _quant_config_type()
         if quant is not None:
             parser.add_argument("--quantize", type=Optional[quant], default=None,
-                                help="4-bit quantization of the base before LoRA (QLoRA), e.g. --quantize.quant_type nf4 "
-                                     "(--quantize.help QuantConfig lists the keys); null for none.")
+                                help="4-bit quantization of the base before LoRA (QLoRA); null for none. Keys: "
+                                     f"{flat_keys_help('quantize', quant)}. `--quantize.help QuantConfig` explains each key.")
         parser.add_argument("--lora_module", type=Optional[str], default="model",
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
         parser.add_argument("--adapter_only_checkpoints", type=bool, default=True,

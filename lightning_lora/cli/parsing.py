@@ -34,6 +34,11 @@ def config_field_options() -> list[str]:
             for f in dataclasses.fields(cls)]
 
 
+def flat_keys_help(prefix: str, cls: type) -> str:
+    """``--lora.r, --lora.alpha, ...``: the keys of a config dataclass, for ``--help``."""
+    return ", ".join(f"--{prefix}.{f.name}" for f in dataclasses.fields(cls))
+
+
 class ShortErrors:
     """Mixin for jsonargparse parsers: a parse error raises :class:`CommandLineError` with one or two lines.
 

@@ -151,3 +151,10 @@ def test_debug_switch_shows_the_original_error(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("LIGHTNING_LORA_DEBUG", "1")
     with pytest.raises(ValueError, match=r"r=-3: the rank must be a positive integer"):
         main(["plan", "--lora.r", "-3"])
+
+
+def test_fit_help_names_the_flat_lora_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["fit", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo the help formatter's line wrapping
+    assert "Keys: --lora.r, --lora.alpha, --lora.dropout, --lora.targets," in out
+    assert "--quantize.quant_type" in out
