@@ -171,4 +171,4 @@ class CompactModelSummary(ModelSummary):
                     f"({model_size:,.3f} MB)")
         if total_flops:
             rows.append(f"Total FLOPs: {_count(total_flops)}")
-        sys.stdout.write("\n".join(rows) + "\n")
+        sys.stdout.write("\n".join(row.rstrip() for row in rows) + "\n")
