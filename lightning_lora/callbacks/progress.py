@@ -162,10 +162,10 @@ class CompactModelSummary(ModelSummary):
                   model_size: float, total_training_modes: dict[str, int], total_flops: int, **kwargs: Any) -> None:
         columns = [(name, values) for name, values in summary_data if total_flops or name != "FLOPs"]
         widths = [max(len(name), *(len(v) for v in values)) if values else len(name) for name, values in columns]
-        rows = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths))]
+        rows = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths, strict=True))]
         rows.append("-" * len(rows[0]))
         for i in range(len(columns[0][1]) if columns else 0):
-            rows.append(" | ".join(f"{values[i]:<{w}}" for (_, values), w in zip(columns, widths)))
+            rows.append(" | ".join(f"{values[i]:<{w}}" for (_, values), w in zip(columns, widths, strict=True)))
         rows.append(f"Trainable params: {_count(trainable_parameters)} | non-trainable: "
                     f"{_count(total_parameters - trainable_parameters)} | total: {_count(total_parameters)} "
                     f"({model_size:,.3f} MB)")

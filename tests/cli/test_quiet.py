@@ -17,7 +17,7 @@ def restore_filters() -> Iterator[None]:
     saved = [list(logger.filters) for logger in loggers]
     with warnings.catch_warnings():
         yield
-    for logger, filters in zip(loggers, saved):
+    for logger, filters in zip(loggers, saved, strict=True):
         logger.filters[:] = filters
 
 
