@@ -275,8 +275,7 @@ class PEFTFinetuning(Callback):
                 was trained on a quantized base and ``quantize`` is not given.
         """
         checkpoint = read_checkpoint(ckpt_path)  # names a truncated or corrupt file
-        states = [s for k, s in checkpoint.get("callbacks", {}).items() if str(k).startswith(cls.__qualname__)]
-        states = [s for s in states if adapter_name is None or s.get("adapter_name") == adapter_name]
+        states = [s for s in cls.states_in(checkpoint) if adapter_name is None or s.get("adapter_name") == adapter_name]
         if len(states) != 1:
             found = [s.get("adapter_name") for s in states] or "none"
             raise ValueError(f"{ckpt_path}: expected one {cls.__name__} state for adapter_name={adapter_name!r}, found "
@@ -286,9 +285,26 @@ class PEFTFinetuning(Callback):
         if state.get("quantize") is not None and quantize is None:
             raise ValueError(f"{ckpt_path}: the run quantized the base model (quantize={state['quantize']!r}).\n"
                              "HINT: pass the same settings: from_checkpoint(path, quantize=QuantConfig(...)).")
+        return cls.from_state(state, quantize=quantize)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, quantize: QuantConfig | None = None) -> PEFTFinetuning:
+        """Rebuild the callback from its :meth:`state_dict` (a checkpoint's ``callbacks`` entry).
+
+        Args:
+            state: What :meth:`state_dict` returned.
+            quantize: The quantization config. Default: the one stored in ``state``, if any.
+        """
+        if quantize is None and state.get("quantize") is not None:
+            quantize = QuantConfig(**state["quantize"])
         config = CONFIG_CLASSES[state.get("config_class", "LoRAConfig")].from_dict(state["config"])
         return cls(config, quantize=quantize, module=state.get("module"),
                    adapter_only_checkpoints=state.get("adapter_only", True), adapter_name=state["adapter_name"])
+
+    @classmethod
+    def states_in(cls, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+        """This callback's states stored in a loaded checkpoint (one per adapter)."""
+        return [s for k, s in checkpoint.get("callbacks", {}).items() if str(k).startswith(cls.__qualname__ + "{")]
 
 
 def _freeze_outside(pl_module: torch.nn.Module, target: torch.nn.Module) -> None:

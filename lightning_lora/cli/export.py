@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser
 
+from lightning_lora.cli.parsing import ShortErrors, use_flat_config_keys
 from lightning_lora.surgery.io.export import ExportReport, export_merged
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,20 @@ log = logging.getLogger(__name__)
 MergeBaseName = Literal["dequantized", "original", "requantize"]
 
 
+class _Parser(ShortErrors, ArgumentParser):
+    """jsonargparse's parser with short errors."""
+
+
 def build_parser() -> ArgumentParser:
     """The ``export`` command's arguments."""
     from lightning_lora.surgery.quant.config import QuantConfig
 
-    parser = ArgumentParser(prog="lightning-lora export", description=__doc__.splitlines()[0])
+    use_flat_config_keys()
+    parser = _Parser(prog="lightning-lora export", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="config", help="A YAML file with these keys.")
     parser.add_argument("--model", type=str, default="smollm2-135m-instruct",
                         help="The base model: alias, local save_pretrained directory, or hub name.")
-    parser.add_argument("--adapter", type=str, required=True, help="Adapter directory (PEFT format).")
+    parser.add_argument("--adapter", type=str, required=True, help="Adapter directory (PEFT format), e.g. out/demo/export/adapter.")
     parser.add_argument("--out", type=str, required=True, help="Output directory (replaced whole if it exists).")
     parser.add_argument("--dtype", type=str, default="auto", help="Weight dtype of the base: auto, float32, bfloat16.")
     parser.add_argument("--quantize", type=Optional[QuantConfig], default=None,

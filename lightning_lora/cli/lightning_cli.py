@@ -14,19 +14,30 @@ its optimizer as ``model.optimizer`` and builds it over the trainable parameters
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from jsonargparse import lazy_instance
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_lora.callbacks.adapter_health import AdapterHealth
+from lightning_lora.cli.errors import CommandLineError
+from lightning_lora.cli.parsing import ShortErrors, flat_keys_help, use_flat_config_keys
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
+from lightning_lora.surgery.errors import TargetMatchError
 from lightning_lora.surgery.lora.config import LoRAConfig
 from lightning_lora.surgery.methods.apply import PEFTConfig
 
 log = logging.getLogger(__name__)
+use_flat_config_keys()
+
+
+class LoRAArgumentParser(ShortErrors, LightningArgumentParser):
+    """LightningCLI's parser with one-or-two-line errors (see :mod:`lightning_lora.cli.errors`)."""
 
 
 def _quant_config_type() -> Any | None:
@@ -45,19 +56,30 @@ class LoRACLI(LightningCLI):
         kwargs.setdefault("datamodule_class", InstructionDataModule)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", LoRAArgumentParser)
+        kwargs.setdefault("parser_kwargs", {"prog": "lightning-lora"})
+        from lightning_lora.cli.quiet import (
+            quiet_known_noise,
+            quiet_progress_bars_when_logging,
+        )
+
+        quiet_known_noise()
+        quiet_progress_bars_when_logging()
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--lora.*``, ``--quantize.*``, ``--lora_module`` and ``--adapter_only_checkpoints``."""
         parser.add_argument("--lora", type=Optional[LoRAConfig], default=LoRAConfig(),
-                            help="LoRA settings (null for no LoRA, e.g. full fine-tuning or layer freezing).")
-        quant = _quant_config_type()
-        if quant is not None:
-            parser.add_argument("--peft", type=Optional[PEFTConfig], default=None,
+                            help="LoRA settings, or null for none (full fine-tuning, layer freezing). Keys: "
+                                 f"{flat_keys_help('lora', LoRAConfig)}. `--lora.help LoRAConfig` explains each key.")
+        parser.add_argument("--peft", type=Optional[PEFTConfig], default=None,
                             help="Another method instead of `lora`, by class path: lightning_lora.PromptTuningConfig, "
                                  "PTuningConfig, PrefixTuningConfig or BottleneckConfig (or LoRAConfig), with init_args.")
-        parser.add_argument("--quantize", type=Optional[quant], default=None,
-                                help="4-bit quantization of the base before LoRA (QLoRA); null for none.")
+        quant = _quant_config_type()
+        if quant is not None:
+            parser.add_argument("--quantize", type=Optional[quant], default=None,
+                                help="4-bit quantization of the base before LoRA (QLoRA); null for none. Keys: "
+                                     f"{flat_keys_help('quantize', quant)}. `--quantize.help QuantConfig` explains each key.")
         parser.add_argument("--lora_module", type=Optional[str], default="model",
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
         parser.add_argument("--adapter_only_checkpoints", type=bool, default=True,
@@ -66,6 +88,43 @@ class LoRACLI(LightningCLI):
                             help="Adapter health checks (AdapterHealth: optimizer, gradients, update size, non-finite "
                                  "stop); on by default, null to turn off, e.g. --health.on_nonfinite skip.")
         parser.link_arguments("model.model", "data.tokenizer")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args`` (the console script passes its own ``argv`` here, so no "args and sys.argv" warning)."""
+        self.config = parser.parse_args(args)
+
+    def before_instantiate_classes(self) -> None:
+        """Check the LoRA targets on the model built from its config on the meta device, before reading weights."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        lora, model = config.get("lora"), config.get("model")
+        name = model.get("model") if model is not None and self.model_class is CausalLMModule else None
+        if lora is None or not isinstance(name, str) or config.get("lora_module") != "model":
+            return
+        from lightning_lora.cli.plan import plan_for
+
+        try:
+            plan_for(name, LoRAConfig(**vars(lora)))
+        except TargetMatchError as err:
+            lines = [line for line in str(err).splitlines() if "plan_lora(" not in line]
+            hint = f"See what targets select without loading weights: lightning-lora plan --model {name} --lora.targets ..."
+            raise CommandLineError("\n".join([*lines, hint])) from err
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Add a readable progress bar (plain lines when stdout is not a terminal) and a model summary without FLOPs."""
+        given = [*(config.get("callbacks") or []), *callbacks]
+        extra: list[Callback] = []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            from lightning_lora.callbacks.progress import (
+                LineProgressBar,
+                StepRichProgressBar,
+            )
+
+            extra.append(StepRichProgressBar() if sys.stdout.isatty() else LineProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            from lightning_lora.callbacks.progress import CompactModelSummary
+
+            extra.append(CompactModelSummary())
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Build the Trainer, then put the LoRA callback first so it runs before the others' setup."""
@@ -110,3 +169,27 @@ def _refuse_both(lora: LoRAConfig | None, peft: Any) -> None:
             f"HINT: keep `peft:` and set `lora: null` (or delete the lora section) to train {type(peft).__name__}, "
             "or delete `peft:` to train LoRA."
         )
+
+
+def _run(subcommand: str, argv: Sequence[str]) -> LoRACLI:
+    return LoRACLI(args=[subcommand, *argv])
+
+
+def fit_main(argv: Sequence[str]) -> LoRACLI:
+    """``lightning-lora fit``: train."""
+    return _run("fit", argv)
+
+
+def validate_main(argv: Sequence[str]) -> LoRACLI:
+    """``lightning-lora validate``."""
+    return _run("validate", argv)
+
+
+def test_main(argv: Sequence[str]) -> LoRACLI:
+    """``lightning-lora test``."""
+    return _run("test", argv)
+
+
+def predict_main(argv: Sequence[str]) -> LoRACLI:
+    """``lightning-lora predict``."""
+    return _run("predict", argv)

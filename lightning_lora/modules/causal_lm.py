@@ -175,6 +175,29 @@ class CausalLMModule(L.LightningModule):
             to_float32_(self.model)
             self.frozen_dtype = None
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Outside a Trainer, rebuild the adapters that an adapter-only checkpoint holds.
+
+        ``CausalLMModule.load_from_checkpoint(path)`` builds a module without adapters, then loads the checkpoint's
+        state dict; Lightning runs only the module's own hooks there. So this hook loads the base model and applies
+        the LoRA settings stored by :class:`~lightning_lora.callbacks.LoRAFinetuning`, checking that the base model
+        is the one the adapters were trained on. Inside a Trainer (resume) the callback has done that already.
+        """
+        from lightning_lora.callbacks.lora_finetuning import LoRAFinetuning
+        from lightning_lora.callbacks.peft_finetuning import PEFTFinetuning
+        from lightning_lora.surgery.lora.inventory import adapter_configs
+
+        found = [(cls, state) for cls in (LoRAFinetuning, PEFTFinetuning) for state in cls.states_in(checkpoint)]
+        if not found or self._trainer is not None:
+            return
+        self.configure_model()
+        for cls, state in found:
+            if state.get("adapter_name") in adapter_configs(self._require_model()):
+                continue
+            callback = cls.from_state(state)
+            callback.apply(self)
+            callback.load_state_dict(state)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model; returns its output (with ``.loss`` when ``labels`` is given)."""
         model = self._require_model()
@@ -288,7 +311,6 @@ class CausalLMModule(L.LightningModule):
         self.configure_model()
         metric = ExactMatch().to(self.device)
         was_training = self.training
-        self.eval()
         try:
             for batch in dataloader:
                 missing = {"gen_input_ids", "gen_attention_mask", "answers"} - set(batch)

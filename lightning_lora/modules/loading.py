@@ -132,7 +132,8 @@ def load_causal_lm(name_or_path: str, dtype: DtypeName = "auto") -> tuple[PreTra
         dtype: Weight dtype to load in; ``"auto"`` loads float32 (see :func:`resolve_dtype`). Default: ``"auto"``.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer has a pad token and the model's generation config knows it.
+        ``(model, tokenizer)``; the tokenizer has a pad token and the model's generation config knows it. For an alias,
+        ``model.config.name_or_path`` is the alias (what saved adapters record as their base model).
 
     Raises:
         FileNotFoundError: If the model cannot be found (the message lists what is accepted).
@@ -146,5 +147,10 @@ def load_causal_lm(name_or_path: str, dtype: DtypeName = "auto") -> tuple[PreTra
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, resolved, name_or_path, dtype=torch_dtype)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    alias = name_or_path.strip().lower()
+    if alias in MODEL_ALIASES:
+        # Saved adapters record this as base_model_name_or_path: the alias works on any machine, the cache path
+        # it resolved to only on this one.
+        model.config.name_or_path = alias
     log.info("loaded %s (%s, %.1fM parameters)", resolved, torch_dtype, model.num_parameters() / 1e6)
     return model, tokenizer

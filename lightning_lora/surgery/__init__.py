@@ -19,6 +19,7 @@ This package and :mod:`lightning_lora` export the same public names.
 from lightning_lora.surgery.errors import (
     AdapterLoadError,
     BottleneckConfigError,
+    CheckpointFileError,
     CheckpointMismatchError,
     CombineError,
     ConfigError,
@@ -28,6 +29,7 @@ from lightning_lora.surgery.errors import (
     LoRAConfigError,
     MergeError,
     MixedBatchError,
+    NonFiniteError,
     OptimizerSetupError,
     PrefixTuningConfigError,
     PromptTuningConfigError,
@@ -79,13 +81,15 @@ from lightning_lora.surgery.methods.bottleneck import BottleneckConfig
 from lightning_lora.surgery.methods.p_tuning import PTuningConfig
 from lightning_lora.surgery.methods.prefix_tuning import PrefixTuningConfig
 from lightning_lora.surgery.methods.prompt_tuning import PromptTuningConfig
+from lightning_lora.surgery.diagnostics.doctor import DoctorReport, diagnose_adapter
 from lightning_lora.surgery.multi.combine import combine_adapters
 from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache, mixed_batch
 
 __all__ = [
     # errors
-    "AdapterLoadError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
-    "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "OptimizerSetupError",
+    "AdapterLoadError", "CheckpointFileError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
+    "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "NonFiniteError",
+    "OptimizerSetupError",
     "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
     "BottleneckConfigError", "PTuningConfigError", "PrefixTuningConfigError", "PromptTuningConfigError",
     # the other methods
@@ -104,6 +108,8 @@ __all__ = [
     # files
     "ExportReport", "adapter_state_dict", "check_adapter_fits", "export_merged", "find_adapters", "load_adapter",
     "load_adapters", "read_adapter", "save_adapter", "save_adapters",
+    # diagnostics
+    "DoctorReport", "diagnose_adapter",
     # several adapters at once
     "clear_mixed_batch_cache", "combine_adapters", "mixed_batch",
 ]

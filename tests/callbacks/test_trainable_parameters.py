@@ -66,3 +66,19 @@ def test_4bit_packed_weights_count_two_parameters_per_byte() -> None:
     packed = model[0].weight
     assert packed.numel() * packed.element_size() == 64 * 64 // 2  # half a byte per weight
     assert summary.weight_bytes >= 64 * 64 // 2 + (64 * 8 + 8) * 4
+
+
+def test_uniform_blocks_are_one_entry_in_the_report() -> None:
+    from lightning_lora import LoRAConfig, apply_lora
+    from tests.factories import tiny_llama
+
+    model = tiny_llama()
+    apply_lora(model, LoRAConfig(r=2, targets=["q_proj"]))
+    table = summarize_parameters(model).table()
+    per_block = summarize_parameters(model).by_block["block 0"]
+    assert f"by block: blocks 0-3 {per_block:,} each" in table
+    model = tiny_llama()
+    apply_lora(model, LoRAConfig(r=2, targets=["q_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 4}))
+    by_block = summarize_parameters(model).by_block
+    assert f"by block: block 0 {per_block:,}, block 1 {by_block['block 1']:,}, blocks 2-3 {per_block:,} each" in (
+        summarize_parameters(model).table())

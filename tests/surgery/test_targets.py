@@ -190,6 +190,18 @@ def test_demo_transformer_skips_multihead_attention_out_proj_with_a_reason(demo:
     assert "model.transformer.encoder.layers.0.linear1" in plan.names
 
 
+def test_all_linear_leaves_out_the_demo_transformers_decoder_head(demo: nn.Module) -> None:
+    """Its head is a plain ``decoder`` Linear onto the vocabulary: no name or get_output_embeddings finds it."""
+    plan = plan_lora(demo, LoRAConfig(targets="all-linear"))
+    assert "model.decoder" not in plan.names
+    assert len(plan.names) == 8  # linear1 / linear2 of 2 encoder + 2 decoder layers
+
+
+def test_attention_on_multihead_attention_says_what_to_target_instead(demo: nn.Module) -> None:
+    with pytest.raises(TargetMatchError, match=r"(?s)in_proj_weight.*use targets=\['linear1', 'linear2'\]"):
+        plan_lora(demo, LoRAConfig(targets="attention"))
+
+
 def test_demo_transformer_eval_output_includes_the_adapter(demo: nn.Module) -> None:
     """nn.TransformerEncoderLayer has a fused eval/no_grad fast path that reads ``linear1.weight`` directly and would
     silently bypass a wrapper: the eval output must differ from the base and equal the merged model's output."""

@@ -95,6 +95,10 @@ def output_head_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[st
             heads |= {n for n, m in modules.items() if m is output}
         prefix = f"{path}." if path else ""
         heads |= {f"{prefix}{name}" for name in _HEAD_NAMES if f"{prefix}{name}" in modules}
+    # By structure: a Linear outside every block onto the input vocabulary (Lightning's demo Transformer `decoder`).
+    vocab = {m.num_embeddings for m in modules.values() if isinstance(m, nn.Embedding)}
+    heads |= {n for n, m in modules.items()
+              if isinstance(m, nn.Linear) and block_index(n) is None and m.out_features in vocab}
     return heads
 
 
@@ -195,13 +199,24 @@ def select(model: nn.Module, cfg: LoRAConfig) -> tuple[list[str], list[tuple[str
             selected.remove(name)
             skipped.append((name, f"outside layers={cfg.layers!r}"))
     if not selected:
-        raise TargetMatchError(_nothing_left_message(cfg, skipped))
+        raise TargetMatchError(_nothing_left_message(cfg, skipped) + _mha_hint(skipped, modules))
     return selected, skipped
 
 
 def _parent_is_mha(name: str, modules: dict[str, nn.Module]) -> bool:
     parent = modules.get(name.rpartition(".")[0])
     return isinstance(parent, nn.MultiheadAttention)
+
+
+def _mha_hint(skipped: list[tuple[str, str]], modules: dict[str, nn.Module]) -> str:
+    """What to target instead when only nn.MultiheadAttention projections matched (it is not supported)."""
+    if not any(_parent_is_mha(name, modules) for name, _ in skipped):
+        return ""
+    others = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                     if block_index(n) is not None and _adaptable(m) and not _parent_is_mha(n, modules)})
+    instead = f"targets={others!r} (the feed-forward layers)" if others else "a model with separate q/k/v Linear layers"
+    return ("\nnn.MultiheadAttention keeps q, k and v in one fused parameter (in_proj_weight) and reads out_proj's "
+            f"weight directly, so its attention cannot take LoRA adapters here; use {instead}.")
 
 
 def _inside(pattern: str, name: str) -> bool:

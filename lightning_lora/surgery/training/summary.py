@@ -83,7 +83,7 @@ class ParameterSummary:
         if self.by_kind:
             lines.append("  by kind:  " + ", ".join(f"{k} {v:,}" for k, v in self.by_kind.items()))
         if self.by_block:
-            lines.append("  by block: " + ", ".join(f"{k} {v:,}" for k, v in self.by_block.items()))
+            lines.append("  by block: " + _block_runs(self.by_block))
         if self.by_method:
             lines.append("  by method: " + ", ".join(f"{k} {v:,}" for k, v in self.by_method.items()))
         lines.append(f"  adapters: {self.adapter_params:,} parameters, {_human(self.adapter_bytes)}")
@@ -94,6 +94,23 @@ class ParameterSummary:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _block_runs(by_block: dict[str, int]) -> str:
+    """``blocks 0-29 162,816 each, other 0``: consecutive blocks with equal counts in one entry."""
+    runs: list[list[int]] = []  # [first, last, count]
+    parts = []
+    for key, count in by_block.items():
+        if key == "other":
+            parts.append(f"other {count:,}")
+            continue
+        index = int(key.split()[1])
+        if runs and runs[-1][1] == index - 1 and runs[-1][2] == count:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index, count])
+    blocks = [f"block {a} {n:,}" if a == b else f"blocks {a}-{b} {n:,} each" for a, b, n in runs]
+    return ", ".join([*blocks, *parts])
 
 
 def _human(n: int) -> str:
