@@ -23,6 +23,7 @@ _STATE_ATTR = "_lightning_lora_model_ready"
 LORA = 10
 FREEZING = 20
 CHECKPOINTING = 30
+SHARDING = 90  # FSDP2 last: it turns every parameter into a DTensor
 
 
 def when_model_ready(pl_module: nn.Module, key: str, priority: int, action: Callable[[Any], None]) -> None:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
+from lightning_lora.callbacks._sharding import prepare_sharding, shard_config, uses_model_parallel
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
 from lightning_lora.surgery.errors import CheckpointMismatchError
 from lightning_lora.surgery.training.adapter_checkpoint import adapter_only_state_dict, config_differences, install_load_guard
@@ -35,6 +36,7 @@ from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainab
 from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
 from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.lora.report import SurgeryReport
+from lightning_lora.surgery.training.sharding import ShardConfig, check_can_shard
 
 _STATE_VERSION = 1
 
@@ -65,6 +67,11 @@ class LoRAFinetuning(Callback):
         adapter_only_checkpoints: Checkpoints hold only the trainable tensors (adapters, ``modules_to_save``),
             optimizer and scheduler states, the LoRA settings and a fingerprint of the base model. Default: True.
         adapter_name: Name of the adapter. Default: ``"default"``.
+        shard: Under Lightning's ``ModelParallelStrategy`` (FSDP2), how the callback shards the model after the
+            surgery: a :class:`~lightning_lora.surgery.training.sharding.ShardConfig`, or just the block class name
+            (e.g. ``"LlamaDecoderLayer"``). Each block becomes one FSDP unit, then the root. Do not shard in
+            ``configure_model`` yourself. Ignored under other strategies. Default: None (``ShardConfig()``: the
+            repeated blocks, e.g. ``LlamaDecoderLayer``).
 
     Example:
         >>> import lightning as L
@@ -74,7 +81,7 @@ class LoRAFinetuning(Callback):
 
     def __init__(self, config: LoRAConfig | None = None, *, quantize: QuantConfig | None = None,
                  module: str | None = None, adapter_only_checkpoints: bool = True,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER, shard: ShardConfig | str | None = None) -> None:
         if isinstance(config, dict):
             config = LoRAConfig.from_dict(config)
         if isinstance(quantize, dict):
@@ -88,6 +95,7 @@ class LoRAFinetuning(Callback):
         self.module = module
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.adapter_name = adapter_name
+        self.shard = shard_config(shard)
         self.report: SurgeryReport | None = None
         self.identity: dict[str, Any] | None = None
 
@@ -100,6 +108,8 @@ class LoRAFinetuning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         when_model_ready(pl_module, self.state_key, LORA, self.apply)
+        if uses_model_parallel(trainer):
+            prepare_sharding(trainer, pl_module, self.state_key, self.module, self.shard, self.adapter_only_checkpoints)
         if self.adapter_only_checkpoints and any(isinstance(cb, ModelCheckpoint) and cb.save_weights_only
                                                  for cb in trainer.callbacks):
             rank_zero_warn("ModelCheckpoint(save_weights_only=True) skips callbacks' checkpoint hooks, so its checkpoints "
@@ -122,6 +132,7 @@ class LoRAFinetuning(Callback):
         existing = adapter_configs(target).get(self.adapter_name)
         if existing is not None:
             return self._check_existing(pl_module, target, existing)
+        check_can_shard(pl_module)  # FSDP2 would not manage adapters added to an already sharded model
         self.identity = model_identity(target)  # of the base as built, before quantization and LoRA
         if self.quantize is not None:
             from lightning_lora.surgery.quant.quantize import quantize_model

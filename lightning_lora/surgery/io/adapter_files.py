@@ -59,7 +59,7 @@ def _peft_key(path: str, name: str) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, tensors: dict[str, Tensor] | None = None) -> Path:
     """Write adapter ``name`` to directory ``path`` in PEFT's format, atomically.
 
     Args:
@@ -68,13 +68,15 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
         name: Which adapter. Default: ``"default"``.
         base_model_name_or_path: Recorded in the config for PEFT / vLLM. Default: the model's own
             ``config.name_or_path`` when it is a transformers model.
+        tensors: The adapter's tensors under PEFT keys, already gathered (a sharded model: see
+            ``surgery/training/sharded_export.py``). Default: None (``adapter_state_dict(model, name)``).
 
     Returns:
         The directory written.
     """
     _, root = find_lora_root(model)
     config = _config_of(root, name)
-    tensors = adapter_state_dict(root, name)
+    tensors = adapter_state_dict(root, name) if tensors is None else tensors
     wrapped = [p for p, layer in lora_layers(root) if name in layer.specs]
     targets, layers = target_modules_for(root, wrapped, config.modules_to_save)
     conv1d = any(layer.codec.name == "Conv1D" for _, layer in lora_layers(root))

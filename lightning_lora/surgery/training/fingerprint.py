@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_lora.surgery.training.freeze import adapter_parameter_ids
 from lightning_lora.surgery.io.peft_format import base_model_name
+from lightning_lora.surgery.training.sharding import full_tensor
 
 SAMPLE = 16  # values read per tensor: enough to tell two trainings or seeds apart, cheap on a 70B model
 
@@ -58,6 +59,7 @@ def _base_tensors(model: nn.Module, adapters: set[int]) -> list[tuple[str, torch
 def _sample(tensor: torch.Tensor, k: int) -> bytes:
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return b"-"
+    tensor = full_tensor(tensor)  # a sharded (DTensor) parameter: its logical values, the same on any world size
     flat = tensor.detach().reshape(-1)
     n, k = flat.numel(), min(k, flat.numel())
     # Integer spacing: a float32 linspace rounds indices past the end for tensors of ~2^24+ elements.
