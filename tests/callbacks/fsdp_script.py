@@ -2,8 +2,8 @@
 
 One launch, several fits (each writes under ``<out>``):
 
-1. ``fit``: LoRA on a tiny Llama for 4 steps with MergeAndExport, TrainableParameters and a checkpoint per epoch
-   (2 steps). Writes the adapters (gathered), each rank's share of the base, whether the base is bitwise unchanged,
+1. ``fit``: LoRA on a tiny Llama for 4 steps with MergeAndExport, TrainableParameters and a checkpoint every
+   2 steps. Writes the adapters (gathered), each rank's share of the base, whether the base is bitwise unchanged,
    and the sharded model's logits on a probe batch.
 2. ``resume``: resumes the 2-step checkpoint of fit 1 on 2 processes and writes the adapters after step 4.
 3. ``resume_one``: resumes the 2-step checkpoint written by a one-process run (``<out>/one/...``) when it exists.
@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
 from lightning_lora import LoRAConfig
 from lightning_lora.callbacks import (
@@ -35,10 +35,10 @@ from lightning_lora.callbacks import (
     TrainableParameters,
 )
 from lightning_lora.surgery.training.sharding import full_tensor, local_tensor
-from tests.callbacks.models import token_data
+from tests.callbacks.models import ResumableLoader, token_data
 
 LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
-SAMPLES = 16  # 2 steps per epoch at a global batch of 8
+SAMPLES = 32  # 4 steps per epoch at a global batch of 8
 
 
 class FSDPLlama(L.LightningModule):
@@ -60,19 +60,24 @@ class FSDPLlama(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(token_data(n=SAMPLES, vocab=128), batch_size=self.batch_size, shuffle=False)
+    def train_dataloader(self) -> ResumableLoader:
+        # Rank r takes samples r, r + 2, ... (Trainer(use_distributed_sampler=False)), so each global batch holds the
+        # same 8 samples as the one-process batch; ResumableLoader resumes mid-epoch exactly.
+        ids = token_data(n=SAMPLES, vocab=128).tensors[0]
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return ResumableLoader(TensorDataset(ids[rank::world]), self.batch_size)
 
 
 def make_trainer(out: Path, callbacks: list, max_steps: int = 4, devices: int = 2) -> L.Trainer:
     strategy: Any = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices == 2 else "auto")
     return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+                     use_distributed_sampler=False,
                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                      num_sanity_val_steps=0, callbacks=callbacks)
 
 
 def checkpointer(dirpath: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=dirpath, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+    return ModelCheckpoint(dirpath=dirpath, every_n_train_steps=2, save_top_k=-1)  # mid-epoch: step 2 of 4
 
 
 def gathered_adapters(module: L.LightningModule) -> dict[str, torch.Tensor]:
@@ -133,6 +138,31 @@ def mixed(out: Path, rank_file: dict[str, Any]) -> None:
                                               if "layers.1." not in n))
 
 
+class PreSharded(FSDPLlama):
+    """Shards in its own configure_model, before LoRAFinetuning's surgery: refused."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+
+def refusals(out: Path, rank_file: dict[str, Any]) -> None:
+    """Each case raises on every rank before any collective, so the launch goes on."""
+    cases = {"tensor_parallel": (FSDPLlama(), ModelParallelStrategy()),  # bare: tensor parallel over both devices
+             "pre_sharded": (PreSharded(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))}
+    for name, (module, strategy) in cases.items():
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=out / name, callbacks=[LoRAFinetuning(LORA, module="model")])
+        try:
+            trainer.fit(module)
+            rank_file[name] = "no error"
+        except Exception as error:  # noqa: BLE001 - the message is what the test checks
+            rank_file[name] = f"{type(error).__name__}: {error}"
+        torch.distributed.barrier()
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -143,6 +173,7 @@ def main(out: Path) -> None:
     if one.exists():
         resume(out, one, "resume_one")
     mixed(out, rank_file)
+    refusals(out, rank_file)
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(rank_file))
 

@@ -1,0 +1,120 @@
+"""FSDP2 (ModelParallelStrategy) with LoRA: one real 2-process CPU launch (gloo) checked against one-process runs.
+
+The one-process reference trains the same tiny Llama with the same global batch (8) in this process, and writes
+the 2-step checkpoint that the 2-process launch resumes (1 -> 2). This process then resumes the launch's 2-step
+checkpoint on one process (2 -> 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_lora.callbacks import LoRAFinetuning
+from lightning_lora.surgery.training.sharding import ShardConfig, ShardConfigError, check_can_shard, find_blocks
+from lightning_lora.surgery import SurgeryError
+from tests.callbacks.fsdp_script import LORA, FSDPLlama, checkpointer, make_trainer
+from tests.callbacks.models import TinyNet
+from tests.factories import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = dict(rtol=1e-4, atol=1e-6)  # fp32: the two runs reduce the same sums in another order
+
+
+def adapters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if ".lora_" in n}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp")
+    torch.manual_seed(0)
+    reference = FSDPLlama(batch_size=8)
+    make_trainer(out, [LoRAFinetuning(LORA, module="model"), checkpointer(out / "one")], devices=1).fit(reference)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "callbacks" / "fsdp_script.py"), str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    two_to_one = FSDPLlama(batch_size=8)
+    make_trainer(out / "two_to_one", [LoRAFinetuning(LORA, module="model")], devices=1).fit(
+        two_to_one, ckpt_path=out / "ckpt" / "epoch=0-step=2.ckpt")
+    return {"out": out, "reference": adapters(reference), "two_to_one": adapters(two_to_one),
+            "ranks": [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]}
+
+
+def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected) and len(actual) == 8  # 2 blocks x (q, v) x (A, B)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], **TOL, msg=name)
+    assert all(expected[n].abs().sum() > 0 for n in expected if ".lora_B." in n)  # trained: B left zero
+
+
+def test_sharded_training_matches_one_process_and_touches_only_adapters(runs: dict) -> None:
+    assert_close(load_file(runs["out"] / "fit_adapters.safetensors"), runs["reference"])
+    for rank in runs["ranks"]:
+        assert rank["strategy"] == "AdapterModelParallelStrategy"  # switched by LoRAFinetuning
+        assert rank["base_unchanged"] and not rank["grads_on_base"]
+        assert 0.45 <= rank["local_base"] / rank["logical_base"] <= 0.55  # each rank holds ~half of the base
+        assert rank["rank_bytes"] < 0.6 * rank["logical_weight_bytes"]  # TrainableParameters: bytes per rank
+
+
+def test_adapter_only_checkpoint_resumes_on_two_and_one_processes(runs: dict) -> None:
+    out = runs["out"]
+    checkpoint = torch.load(out / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)  # one file, plain types
+    assert sorted(checkpoint["state_dict"]) == sorted(runs["reference"])  # adapters only, whole tensors
+    assert [len(g["param_names"]) for g in checkpoint["optimizer_states"][0]["param_groups"]] == [8]
+    fit = load_file(out / "fit_adapters.safetensors")
+    resumed = load_file(out / "resume_adapters.safetensors")
+    assert all(torch.equal(resumed[n], fit[n]) for n in fit) and sorted(resumed) == sorted(fit)  # 2 -> 2 bitwise
+    assert_close(runs["two_to_one"], runs["reference"])  # 2 -> 1
+    assert_close(load_file(out / "resume_one_adapters.safetensors"), runs["reference"])  # 1 -> 2
+
+
+def test_merged_export_of_sharded_model_loads_and_matches_unmerged(runs: dict) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = runs["out"] / "export"
+    expected = load_file(runs["out"] / "fit_logits.safetensors")["logits"]
+    probe = torch.arange(24).reshape(2, 12) % 128
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert len(list((out / "merged").glob("model-*.safetensors"))) == 3  # one file per block + the rest
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe).logits, expected, rtol=1e-4, atol=1e-5)
+        peft = PeftModel.from_pretrained(tiny_llama(num_layers=2, seed=0), str(out / "adapter")).eval()
+        torch.testing.assert_close(peft(input_ids=probe).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_with_gradient_checkpointing_and_layer_freezing_under_fsdp(runs: dict) -> None:
+    for rank in runs["ranks"]:
+        assert rank["mixed_checkpointing"]
+        assert rank["mixed_block1_changed"] == rank["mixed_block1_tensors"] == 9  # the block LayerFreezing trains
+        assert rank["mixed_block0_changed"] == 0  # embeddings, block 0, norm, head: frozen
+
+
+def test_refuses_tensor_parallel_and_a_model_sharded_before_the_surgery(runs: dict) -> None:
+    for rank in runs["ranks"]:
+        assert rank["tensor_parallel"].startswith("SurgeryError") and "tensor_parallel_size=2" in rank["tensor_parallel"]
+        assert "data_parallel_size=<number of devices>" in rank["tensor_parallel"]
+        assert rank["pre_sharded"].startswith("SurgeryError") and "sharded already" in rank["pre_sharded"]
+
+
+def test_default_blocks_and_shard_config_errors() -> None:
+    assert [p for p, _ in find_blocks(tiny_llama(num_layers=2))] == ["model.layers.0", "model.layers.1"]
+    assert [p for p, _ in find_blocks(TinyNet())] == ["layers.0", "layers.1"]  # the class repeated in a ModuleList
+    with pytest.raises(ShardConfigError, match=r"no module of class \['GPT2Block'\].*LlamaForCausalLM"):
+        find_blocks(tiny_llama(num_layers=2), "GPT2Block")
+    with pytest.raises(ShardConfigError, match=r"param_dtype='fp8': use one of"):
+        ShardConfig(param_dtype="fp8")
+    with pytest.raises(SurgeryError, match="tensor_parallel_size=4"):
+        check_can_shard(TinyNet(), tensor_parallel_size=4)
+    with pytest.raises(TypeError, match="shard=3"):
+        LoRAFinetuning(shard=3)  # type: ignore[arg-type]
+    assert LoRAFinetuning(shard="LlamaDecoderLayer").shard == ShardConfig(blocks="LlamaDecoderLayer")
