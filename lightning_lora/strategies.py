@@ -15,10 +15,12 @@ are its default); naming it in the Trainer is only needed to pass it to a Traine
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -38,14 +40,34 @@ log = logging.getLogger(__name__)
 class AdapterModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` whose checkpoints hold only the trainable tensors, in one file from global rank zero.
 
-    Takes the same arguments as ``lightning.pytorch.strategies.ModelParallelStrategy``; use
-    ``data_parallel_size=<devices x nodes>, tensor_parallel_size=1`` (FSDP2 only; no tensor parallelism is applied).
+    Takes the arguments of ``lightning.pytorch.strategies.ModelParallelStrategy`` with defaults for FSDP2 alone:
+    ``data_parallel_size="auto"`` here means every process (devices x nodes) and ``tensor_parallel_size=1`` (no
+    tensor parallelism is applied), so one config runs unchanged on any number of devices and nodes. Checkpoints
+    are always one file (there is no ``save_distributed_checkpoint``).
+
+    Args:
+        data_parallel_size: Processes the model is sharded over. Default: ``"auto"`` (all of them).
+        tensor_parallel_size: Must stay 1 with lightning-lora's callbacks (they refuse more). Default: 1.
+        process_group_backend: ``"nccl"``, ``"gloo"``... Default: None (Lightning's choice for the device).
+        timeout: Timeout of collective operations. Default: Lightning's default.
 
     Example:
         >>> import lightning as L
         >>> strategy = AdapterModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy)  # doctest: +SKIP
     """
+
+    def __init__(self, data_parallel_size: Literal["auto"] | int = "auto", tensor_parallel_size: Literal["auto"] | int = 1,
+                 process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+                         save_distributed_checkpoint=False, process_group_backend=process_group_backend,
+                         timeout=timeout)
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == 1:
+            self._data_parallel_size = self.num_nodes * self.num_processes  # Lightning's "auto" would be num_nodes
+        super().setup_environment()
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

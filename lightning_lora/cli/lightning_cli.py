@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_lora.data.instruction import InstructionDataModule
 from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.lora.config import LoRAConfig
+from lightning_lora.surgery.training.sharding import ShardConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class LoRACLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--lora.*``, ``--quantize.*``, ``--lora_module`` and ``--adapter_only_checkpoints``."""
+        """Add ``--lora.*``, ``--quantize.*``, ``--lora_module``, ``--adapter_only_checkpoints`` and ``--shard.*``."""
         parser.add_argument("--lora", type=Optional[LoRAConfig], default=LoRAConfig(),
                             help="LoRA settings (null for no LoRA, e.g. full fine-tuning or layer freezing).")
         quant = _quant_config_type()
@@ -51,6 +52,9 @@ class LoRACLI(LightningCLI):
                             help="Attribute path of the submodule to adapt inside the LightningModule.")
         parser.add_argument("--adapter_only_checkpoints", type=bool, default=True,
                             help="Checkpoints hold only trainable tensors, optimizer state and the LoRA config.")
+        parser.add_argument("--shard", type=Optional[ShardConfig], default=None,
+                            help="FSDP2 sharding options under ModelParallelStrategy (blocks, reshard_after_forward, "
+                                 "cpu_offload, param_dtype, reduce_dtype); ignored under other strategies.")
         parser.link_arguments("model.model", "data.tokenizer")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -62,7 +66,8 @@ class LoRACLI(LightningCLI):
             from lightning_lora.callbacks import LoRAFinetuning
 
             callback = LoRAFinetuning(lora, quantize=quantize, module=config.get("lora_module"),
-                                      adapter_only_checkpoints=config.get("adapter_only_checkpoints", True))
+                                      adapter_only_checkpoints=config.get("adapter_only_checkpoints", True),
+                                      shard=config.get("shard"))
             trainer.callbacks.insert(0, callback)
         return trainer
 

@@ -118,3 +118,27 @@ def test_default_blocks_and_shard_config_errors() -> None:
     with pytest.raises(TypeError, match="shard=3"):
         LoRAFinetuning(shard=3)  # type: ignore[arg-type]
     assert LoRAFinetuning(shard="LlamaDecoderLayer").shard == ShardConfig(blocks="LlamaDecoderLayer")
+
+
+def test_fsdp_example_config_runs_on_two_cpu_processes(tmp_path: Path) -> None:
+    """``lightning-lora fit --config examples/fsdp.yaml --trainer.accelerator cpu --trainer.devices 2``, tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_lm import save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(tmp_path / "tiny-llama")
+    data = ROOT / "examples" / "data" / "dates"
+    command = [sys.executable, "-m", "lightning_lora.cli", "fit", "--config", str(ROOT / "examples" / "fsdp.yaml"),
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.model", str(model),
+               "--data.train_file", str(data / "train.jsonl"), "--data.val_file", str(data / "val.jsonl"),
+               "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "sharded over 2 processes" in result.stderr + result.stdout
+    (checkpoint,) = (tmp_path / "out/fsdp/checkpoints").iterdir()
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]  # one file, adapters only
+    assert state and all(".lora_" in k for k in state)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out/fsdp/export/merged")
+    assert (tmp_path / "out/fsdp/export/adapter/adapter_config.json").is_file()
+    assert merged.config.num_hidden_layers == AutoModelForCausalLM.from_pretrained(model).config.num_hidden_layers
