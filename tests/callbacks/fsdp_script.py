@@ -8,6 +8,8 @@ One launch, several fits (each writes under ``<out>``):
 2. ``resume``: resumes the 2-step checkpoint of fit 1 on 2 processes and writes the adapters after step 4.
 3. ``resume_one``: resumes the 2-step checkpoint written by a one-process run (``<out>/one/...``) when it exists.
 4. ``mixed``: LoRA + GradientCheckpointing + LayerFreezing (last block trained fully) for 2 steps.
+5. ``qlora``: QLoRA (NF4, ``quant_storage`` float32) sharded with FSDP2, 2 steps; writes the adapters.
+6. ``refusals``: tensor parallelism and a model sharded before the surgery; writes the error messages.
 
 Lightning re-runs this script for rank 1, so it must be importable as a plain script (no pytest in the process).
 """
@@ -26,7 +28,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from lightning_lora import LoRAConfig
+from lightning_lora import LoRAConfig, QuantConfig
 from lightning_lora.callbacks import (
     GradientCheckpointing,
     LayerFreezing,
@@ -38,6 +40,9 @@ from lightning_lora.surgery.training.sharding import full_tensor, local_tensor
 from tests.callbacks.models import ResumableLoader, token_data
 
 LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
+# QLoRA + FSDP2: the packed 4-bit weights stored as float32 (the compute dtype) shard like the other parameters.
+QUANT = QuantConfig(quant_type="nf4", compute_dtype="float32", quant_storage="float32", targets="all-linear",
+                    exclude=["lm_head"])
 SAMPLES = 32  # 4 steps per epoch at a global batch of 8
 
 
@@ -122,6 +127,15 @@ def resume(out: Path, ckpt: Path, name: str) -> None:
         save_file(adapters, str(out / f"{name}_adapters.safetensors"))
 
 
+def qlora(out: Path) -> None:
+    module = FSDPLlama()
+    trainer = make_trainer(out / "qlora", [LoRAFinetuning(LORA, quantize=QUANT, module="model")], max_steps=2)
+    trainer.fit(module)
+    adapters = gathered_adapters(module)
+    if trainer.is_global_zero:
+        save_file(adapters, str(out / "qlora_adapters.safetensors"))
+
+
 def mixed(out: Path, rank_file: dict[str, Any]) -> None:
     module = FSDPLlama()
     before = {n: p.detach().clone() for n, p in module.named_parameters() if "layers.1." in n}
@@ -173,6 +187,7 @@ def main(out: Path) -> None:
     if one.exists():
         resume(out, one, "resume_one")
     mixed(out, rank_file)
+    qlora(out)
     refusals(out, rank_file)
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(rank_file))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lightning_lora.callbacks import LoRAFinetuning
 from lightning_lora.surgery.training.sharding import ShardConfig, ShardConfigError, check_can_shard, find_blocks
 from lightning_lora.surgery import SurgeryError
-from tests.callbacks.fsdp_script import LORA, FSDPLlama, checkpointer, make_trainer
+from tests.callbacks.fsdp_script import LORA, QUANT, FSDPLlama, checkpointer, make_trainer
 from tests.callbacks.models import TinyNet
 from tests.factories import tiny_llama
 
@@ -38,6 +38,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     reference = FSDPLlama(batch_size=8)
     make_trainer(out, [LoRAFinetuning(LORA, module="model"), checkpointer(out / "one")], devices=1).fit(reference)
+    qlora = FSDPLlama(batch_size=8)
+    make_trainer(out / "qlora_one", [LoRAFinetuning(LORA, quantize=QUANT, module="model")], devices=1,
+                 max_steps=2).fit(qlora)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "callbacks" / "fsdp_script.py"), str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -45,7 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     two_to_one = FSDPLlama(batch_size=8)
     make_trainer(out / "two_to_one", [LoRAFinetuning(LORA, module="model")], devices=1).fit(
         two_to_one, ckpt_path=out / "ckpt" / "epoch=0-step=2.ckpt")
-    return {"out": out, "reference": adapters(reference), "two_to_one": adapters(two_to_one),
+    return {"out": out, "reference": adapters(reference), "two_to_one": adapters(two_to_one), "qlora": adapters(qlora),
             "ranks": [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]}
 
 
@@ -97,6 +100,10 @@ def test_lora_with_gradient_checkpointing_and_layer_freezing_under_fsdp(runs: di
         assert rank["mixed_checkpointing"]
         assert rank["mixed_block1_changed"] == rank["mixed_block1_tensors"] == 9  # the block LayerFreezing trains
         assert rank["mixed_block0_changed"] == 0  # embeddings, block 0, norm, head: frozen
+
+
+def test_qlora_with_float32_quant_storage_trains_sharded_like_one_process(runs: dict) -> None:
+    assert_close(load_file(runs["out"] / "qlora_adapters.safetensors"), runs["qlora"])
 
 
 def test_refuses_tensor_parallel_and_a_model_sharded_before_the_surgery(runs: dict) -> None:
