@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
+from lightning_lora.callbacks._model_ready import IDENTITY, LORA, forget, target_module, when_model_ready
 from lightning_lora.callbacks._sharding import prepare_sharding, shard_config, uses_model_parallel
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
 from lightning_lora.surgery.errors import CheckpointMismatchError
@@ -36,6 +36,7 @@ from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainab
 from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
 from lightning_lora.surgery.lora.inventory import adapter_configs
 from lightning_lora.surgery.lora.report import SurgeryReport
+from lightning_lora.surgery.training.sharded_loading import has_meta_parameters
 from lightning_lora.surgery.training.sharding import ShardConfig, check_can_shard
 
 _STATE_VERSION = 1
@@ -108,6 +109,7 @@ class LoRAFinetuning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         when_model_ready(pl_module, self.state_key, LORA, self.apply)
+        when_model_ready(pl_module, f"{self.state_key}/identity", IDENTITY, self._identity_after_load)
         if uses_model_parallel(trainer):
             prepare_sharding(trainer, pl_module, self.state_key, self.module, self.shard, self.adapter_only_checkpoints)
         if self.adapter_only_checkpoints and any(isinstance(cb, ModelCheckpoint) and cb.save_weights_only
@@ -133,7 +135,9 @@ class LoRAFinetuning(Callback):
         if existing is not None:
             return self._check_existing(pl_module, target, existing)
         check_can_shard(pl_module)  # FSDP2 would not manage adapters added to an already sharded model
-        self.identity = model_identity(target)  # of the base as built, before quantization and LoRA
+        # Of the base as built, before quantization and LoRA; a base on the meta device has no values yet: its
+        # fingerprint is taken once its weights are loaded (_identity_after_load).
+        self.identity = None if has_meta_parameters(target) else model_identity(target)
         if self.quantize is not None:
             from lightning_lora.surgery.quant.quantize import quantize_model
 
@@ -144,6 +148,10 @@ class LoRAFinetuning(Callback):
         install_load_guard(pl_module, self.adapter_name)
         rank_zero_info(str(self.report))
         return self.report
+
+    def _identity_after_load(self, pl_module: torch.nn.Module) -> None:
+        if self.identity is None:
+            self.identity = model_identity(target_module(pl_module, self.module))  # DTensors: collective, every rank
 
     def _check_existing(self, pl_module: torch.nn.Module, target: torch.nn.Module, existing: LoRAConfig) -> None:
         differences = config_differences(existing.to_dict(), self.config.to_dict())
@@ -212,7 +220,8 @@ class LoRAFinetuning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        forget(pl_module, self.state_key)
+        for key in (self.state_key, f"{self.state_key}/identity", f"{self.state_key}/shard"):
+            forget(pl_module, key)
 
     # ------------------------------------------------------------------------------------------------ outside fit
     def load_checkpoint(self, pl_module: pl.LightningModule, ckpt_path: str | Path) -> pl.LightningModule:

@@ -9,7 +9,8 @@ One launch, several fits (each writes under ``<out>``):
 3. ``resume_one``: resumes the 2-step checkpoint written by a one-process run (``<out>/one/...``) when it exists.
 4. ``mixed``: LoRA + GradientCheckpointing + LayerFreezing (last block trained fully) for 2 steps.
 5. ``qlora``: QLoRA (NF4, ``quant_storage`` float32) sharded with FSDP2, 2 steps; writes the adapters.
-6. ``refusals``: tensor parallelism and a model sharded before the surgery; writes the error messages.
+6. ``meta``: ``CausalLMModule(meta_init=True)`` on ``<out>/meta_model``; peak RSS up to fit start, base vs files.
+7. ``refusals``: tensor parallelism and a model sharded before the surgery; writes the error messages.
 
 Lightning re-runs this script for rank 1, so it must be importable as a plain script (no pytest in the process).
 """
@@ -136,6 +137,42 @@ def qlora(out: Path) -> None:
         save_file(adapters, str(out / "qlora_adapters.safetensors"))
 
 
+def _rss_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1])
+
+
+class PeakAtFitStart(L.Callback):
+    """Reads this process's peak RSS at fit start: after the model is built, adapted, sharded and loaded."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.peak_kib = _rss_kib("VmHWM")
+
+
+def meta(out: Path, rank_file: dict[str, Any]) -> None:
+    """CausalLMModule(meta_init=True): built on meta, LoRA, sharded, each rank reads its rows of the files."""
+    from safetensors.torch import load_file as load
+
+    from lightning_lora.modules.causal_lm import CausalLMModule
+
+    directory = out / "meta_model"
+    module = CausalLMModule(model=str(directory), exact_match=False, meta_init=True)
+    ids = torch.arange(2 * 12).reshape(2, 12) % 200
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    peak, lora = PeakAtFitStart(), LoRAFinetuning(LORA, module="model")
+    trainer = make_trainer(out / "meta", [lora, peak], max_steps=1)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = _rss_kib("VmRSS")
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2))
+    files = load(str(directory / "model.safetensors"))
+    base = {n.replace(".base_layer.", "."): full_tensor(p.detach()) for n, p in module.model.named_parameters()
+            if not p.requires_grad}
+    rank_file.update(meta_peak_increase=(peak.peak_kib - before) * 1024,
+                     meta_full_bytes=sum(t.numel() * t.element_size() for t in files.values()),
+                     meta_base_equal=set(base) == set(files) and all(torch.equal(files[n], t) for n, t in base.items()),
+                     meta_identity=lora.identity)
+
+
 def mixed(out: Path, rank_file: dict[str, Any]) -> None:
     module = FSDPLlama()
     before = {n: p.detach().clone() for n, p in module.named_parameters() if "layers.1." in n}
@@ -188,6 +225,8 @@ def main(out: Path) -> None:
         resume(out, one, "resume_one")
     mixed(out, rank_file)
     qlora(out)
+    if (out / "meta_model").exists():
+        meta(out, rank_file)
     refusals(out, rank_file)
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(rank_file))

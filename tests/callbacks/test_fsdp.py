@@ -41,6 +41,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     qlora = FSDPLlama(batch_size=8)
     make_trainer(out / "qlora_one", [LoRAFinetuning(LORA, quantize=QUANT, module="model")], devices=1,
                  max_steps=2).fit(qlora)
+    save_meta_model(out / "meta_model")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "callbacks" / "fsdp_script.py"), str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -50,6 +51,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         two_to_one, ckpt_path=out / "ckpt" / "epoch=0-step=2.ckpt")
     return {"out": out, "reference": adapters(reference), "two_to_one": adapters(two_to_one), "qlora": adapters(qlora),
             "ranks": [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]}
+
+
+def save_meta_model(path: Path) -> None:
+    """A Llama of ~45M parameters (180 MB fp32), large against the noise of a process's RSS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_lm import build_tiny_tokenizer
+
+    config = LlamaConfig(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -104,6 +119,22 @@ def test_lora_with_gradient_checkpointing_and_layer_freezing_under_fsdp(runs: di
 
 def test_qlora_with_float32_quant_storage_trains_sharded_like_one_process(runs: dict) -> None:
     assert_close(load_file(runs["out"] / "qlora_adapters.safetensors"), runs["qlora"])
+
+
+def test_meta_init_loads_each_ranks_rows_without_the_whole_model(runs: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora.surgery.training.fingerprint import model_identity
+
+    for rank in runs["ranks"]:
+        assert rank["meta_base_equal"]  # every base weight, gathered, equals the file bitwise
+        assert rank["meta_full_bytes"] > 150e6
+        # Built on meta, each rank only ever held its shards (~half) plus one slice: well below the whole model.
+        assert rank["meta_peak_increase"] < 0.8 * rank["meta_full_bytes"], rank["meta_peak_increase"]
+    unsharded = AutoModelForCausalLM.from_pretrained(runs["out"] / "meta_model")
+    identity = model_identity(unsharded)
+    assert runs["ranks"][0]["meta_identity"]["values_sha256"] == identity["values_sha256"]
+    assert runs["ranks"][0]["meta_identity"] == {**identity, "name": runs["ranks"][0]["meta_identity"]["name"]}
 
 
 def test_refuses_tensor_parallel_and_a_model_sharded_before_the_surgery(runs: dict) -> None:

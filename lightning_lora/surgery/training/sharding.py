@@ -11,6 +11,7 @@ Every gather here (``full_tensor``) is a collective: all ranks must call the sam
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,6 +100,31 @@ def full_tensor(tensor: Tensor) -> Tensor:
 def local_tensor(tensor: Tensor) -> Tensor:
     """This rank's shard of a DTensor, or ``tensor`` itself."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def take_flat(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor.reshape(-1)[index]`` in float64 on CPU; for a dim-0 sharded DTensor without gathering the tensor.
+
+    Each rank reads the sampled values it holds and one ``all_reduce`` of ``len(index)`` numbers combines them
+    (collective: call on every rank).
+    """
+    if not is_dtensor(tensor):
+        return tensor.detach().reshape(-1)[index.to(tensor.device)].to("cpu", torch.float64)
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    if len(tensor.placements) != 1 or tensor.placements[0] != Shard(0):
+        return full_tensor(tensor.detach()).reshape(-1)[index].to("cpu", torch.float64)
+    local = tensor.to_local().detach()
+    row = math.prod(tensor.shape[1:]) if tensor.dim() > 1 else 1
+    chunk = math.ceil(tensor.shape[0] / tensor.device_mesh.size())
+    start = min(tensor.device_mesh.get_local_rank() * chunk, tensor.shape[0]) * row
+    mine = (index >= start) & (index < start + local.numel())
+    values = torch.zeros(len(index), dtype=torch.float64)
+    values[mine] = local.reshape(-1)[(index[mine] - start).to(local.device)].to("cpu", torch.float64)
+    values = values.to(local.device)
+    dist.all_reduce(values, group=tensor.device_mesh.get_group())  # exactly one rank holds each value: a sum
+    return values.to("cpu")
 
 
 def local_bytes(model: nn.Module) -> int:
@@ -222,7 +248,7 @@ def broadcast_trainable_(model: nn.Module, mesh: Any) -> None:
     src = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for param in model.parameters():
-            if param.requires_grad:
+            if param.requires_grad and param.device.type != "meta":  # meta: initialised when materialized
                 dist.broadcast(param.data, src=src, group=group)
 
 
