@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_lora.surgery.training.freeze import adapter_parameter_ids
 from lightning_lora.surgery.io.peft_format import base_model_name
-from lightning_lora.surgery.training.sharding import take_flat
+from lightning_lora.surgery.training.sharding import class_name, take_flat
 
 SAMPLE = 16  # values read per tensor: enough to tell two trainings or seeds apart, cheap on a 70B model
 
@@ -42,7 +42,7 @@ def model_identity(model: nn.Module, *, sample: int = SAMPLE) -> dict[str, Any]:
         values.update(_sample(tensor, sample))
     return {
         "name": base_model_name(model),
-        "class": type(model).__name__,
+        "class": class_name(model),  # the same sharded or not
         "tensors": tensors,
         "params": params,
         "shapes_sha256": shapes.hexdigest(),

@@ -127,6 +127,15 @@ def take_flat(tensor: Tensor, index: Tensor) -> Tensor:
     return values.to("cpu")
 
 
+def class_name(module: nn.Module) -> str:
+    """The module's class name as built: FSDP2 swaps in a subclass named ``FSDP<Class>``, which is skipped."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return type(module).__name__
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def local_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers held by this rank (its shards of DTensors)."""
     seen: set[int] = set()
