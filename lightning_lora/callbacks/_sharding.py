@@ -17,8 +17,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_lora.callbacks._model_ready import SHARDING, target_module, when_model_ready
-from lightning_lora.surgery.training.sharding import ShardConfig, check_can_shard, shard_model
+from lightning_lora.callbacks._model_ready import (
+    SHARDING,
+    target_module,
+    when_model_ready,
+)
+from lightning_lora.surgery.training.sharding import (
+    ShardConfig,
+    check_can_shard,
+    shard_model,
+)
 
 
 def shard_config(shard: ShardConfig | str | dict | None) -> ShardConfig:

@@ -18,14 +18,25 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_lora.callbacks import LoRAFinetuning
-from lightning_lora.surgery.training.sharding import ShardConfig, ShardConfigError, check_can_shard, find_blocks
 from lightning_lora.surgery import SurgeryError
-from tests.callbacks.fsdp_script import LORA, QUANT, FSDPLlama, checkpointer, make_trainer
+from lightning_lora.surgery.training.sharding import (
+    ShardConfig,
+    ShardConfigError,
+    check_can_shard,
+    find_blocks,
+)
+from tests.callbacks.fsdp_script import (
+    LORA,
+    QUANT,
+    FSDPLlama,
+    checkpointer,
+    make_trainer,
+)
 from tests.callbacks.models import TinyNet
 from tests.factories import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
-TOL = dict(rtol=1e-4, atol=1e-6)  # fp32: the two runs reduce the same sums in another order
+TOL = {"rtol": 1e-4, "atol": 1e-6}  # fp32: the two runs reduce the same sums in another order
 
 
 def adapters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -44,7 +55,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_meta_model(out / "meta_model")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "callbacks" / "fsdp_script.py"), str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     two_to_one = FSDPLlama(batch_size=8)
     make_trainer(out / "two_to_one", [LoRAFinetuning(LORA, module="model")], devices=1).fit(
@@ -69,8 +80,8 @@ def save_meta_model(path: Path) -> None:
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert sorted(actual) == sorted(expected) and len(actual) == 8  # 2 blocks x (q, v) x (A, B)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], **TOL, msg=name)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, **TOL, msg=name)
     assert all(expected[n].abs().sum() > 0 for n in expected if ".lora_B." in n)  # trained: B left zero
 
 
@@ -171,7 +182,7 @@ def test_fsdp_example_config_runs_on_two_cpu_processes(tmp_path: Path) -> None:
                "--data.train_file", str(data / "train.jsonl"), "--data.val_file", str(data / "val.jsonl"),
                "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "sharded over 2 processes" in result.stderr + result.stdout
     (checkpoint,) = (tmp_path / "out/fsdp/checkpoints").iterdir()

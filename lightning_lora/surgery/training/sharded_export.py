@@ -26,7 +26,11 @@ from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.io.adapter_files import adapter_state_dict, save_adapter
 from lightning_lora.surgery.io.atomic import atomic_dir
 from lightning_lora.surgery.io.export import REPORT_NAME, ExportReport
-from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root, lora_layers
+from lightning_lora.surgery.lora.inventory import (
+    adapter_configs,
+    find_lora_root,
+    lora_layers,
+)
 from lightning_lora.surgery.lora.layer import LoRALayer
 from lightning_lora.surgery.training.sharding import full_tensor
 

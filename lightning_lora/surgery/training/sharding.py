@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,15 +258,3 @@ def broadcast_trainable_(model: nn.Module, mesh: Any) -> None:
         for param in model.parameters():
             if param.requires_grad and param.device.type != "meta":  # meta: initialised when materialized
                 dist.broadcast(param.data, src=src, group=group)
-
-
-def gathered(named: Iterator[tuple[str, Tensor]] | list[tuple[str, Tensor]],
-             keep: Callable[[str], bool] = lambda _: True) -> Iterator[tuple[str, Tensor]]:
-    """``(name, whole tensor on CPU)`` for each entry, gathered one at a time (collective: call on every rank).
-
-    Entries for which ``keep(name)`` is false are gathered too (every rank must take part) but not yielded.
-    """
-    for name, tensor in named:
-        full = full_tensor(tensor.detach())
-        if keep(name):
-            yield name, full.to("cpu")
