@@ -135,6 +135,11 @@ class LoRAFinetuning(Callback):
         if existing is not None:
             return self._check_existing(pl_module, target, existing)
         check_can_shard(pl_module)  # FSDP2 would not manage adapters added to an already sharded model
+        if self.quantize is not None and has_meta_parameters(target):
+            raise SurgeryError("LoRAFinetuning(quantize=...): the model's weights are on the meta device (not loaded "
+                               "yet), and 4-bit quantization needs their values.\nHINT: load the model normally "
+                               "(CausalLMModule(meta_init=False)) for QLoRA; shard it with quant_storage set to the "
+                               "compute dtype.")
         # Of the base as built, before quantization and LoRA; a base on the meta device has no values yet: its
         # fingerprint is taken once its weights are loaded (_identity_after_load).
         self.identity = None if has_meta_parameters(target) else model_identity(target)

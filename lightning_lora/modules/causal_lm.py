@@ -22,11 +22,17 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import MeanMetric, Metric
 
-from lightning.pytorch.strategies import ModelParallelStrategy
-
-from lightning_lora.modules.loading import DtypeName, load_causal_lm, load_causal_lm_on_meta, resolve_dtype, resolve_model_path
+from lightning_lora.modules.loading import (
+    DtypeName,
+    load_causal_lm,
+    load_causal_lm_on_meta,
+    resolve_dtype,
+    resolve_model_path,
+)
+from lightning_lora.surgery.training.sharding import is_sharded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -223,6 +229,8 @@ class CausalLMModule(L.LightningModule):
             attention_mask=attention_mask,
             do_sample=False,
             max_new_tokens=self.max_new_tokens,
+            # Sharded (FSDP2): every forward is collective, so ranks keep stepping until all of them are done.
+            synced_gpus=is_sharded(model),
             pad_token_id=tokenizer.pad_token_id,
         )  # (B, T + new)
         return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)

@@ -191,3 +191,15 @@ def test_fsdp_example_config_runs_on_two_cpu_processes(tmp_path: Path) -> None:
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out/fsdp/export/merged")
     assert (tmp_path / "out/fsdp/export/adapter/adapter_config.json").is_file()
     assert merged.config.num_hidden_layers == AutoModelForCausalLM.from_pretrained(model).config.num_hidden_layers
+
+
+def test_qlora_refuses_a_base_on_the_meta_device() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora.surgery.training.sharded_loading import parameters_on_meta
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(tiny_llama(num_layers=1).config)
+    with pytest.raises(SurgeryError, match="meta device"):
+        LoRAFinetuning(LORA, quantize=QUANT).apply(model)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())  # unchanged
