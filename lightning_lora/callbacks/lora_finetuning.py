@@ -9,6 +9,10 @@ Hooks, in Lightning 2.6's ``fit`` order:
   keys; ``load_state_dict`` of this callback then checks the base model's identity and the LoRA settings.
 * ``on_fit_start``: the optimizer exists; every trainable parameter must be in it.
 * ``on_save_checkpoint``: drops the frozen base from the checkpoint (``adapter_only_checkpoints``).
+
+Under Lightning's ``ModelParallelStrategy`` (FSDP2) ``setup`` also refuses tensor parallelism, switches the strategy to
+:class:`~lightning_lora.strategies.AdapterModelParallelStrategy` (adapter-only checkpoints in one file) and registers
+the sharding as the last action after ``configure_model`` (see :mod:`._sharding`).
 """
 
 from __future__ import annotations
