@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, Metric
 
 from lightning_lora.modules.loading import (
@@ -144,6 +145,8 @@ class CausalLMModule(L.LightningModule):
 
         # After LoRA and sharding when a callback registered them (the wrapper runs them right after this method);
         # without such a callback, the model is loaded whole here.
+        rank_zero_info(f"CausalLMModule: built {directory} on the meta device; each process reads its shard of the "
+                       "weights after the surgery and the sharding.")
         if "configure_model" in self.__dict__:
             when_model_ready(self, "CausalLMModule/load_weights", LOAD_WEIGHTS, load)
         else:

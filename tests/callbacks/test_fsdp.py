@@ -185,6 +185,7 @@ def test_fsdp_example_config_runs_on_two_cpu_processes(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "sharded over 2 processes" in result.stderr + result.stdout
+    assert "on the meta device; each process reads its shard" in result.stderr + result.stdout  # meta_init: true
     (checkpoint,) = (tmp_path / "out/fsdp/checkpoints").iterdir()
     state = torch.load(checkpoint, weights_only=True)["state_dict"]  # one file, adapters only
     assert state and all(".lora_" in k for k in state)
