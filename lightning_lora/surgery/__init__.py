@@ -28,6 +28,7 @@ from lightning_lora.surgery.errors import (
     OptimizerSetupError,
     QuantConfigError,
     QuantizationError,
+    ShardConfigError,
     SurgeryError,
     TargetMatchError,
     UnknownAdapterError,
@@ -75,7 +76,7 @@ __all__ = [
     # errors
     "AdapterLoadError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
     "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "OptimizerSetupError",
-    "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
+    "QuantConfigError", "QuantizationError", "ShardConfigError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
     # LoRA core
     "DEFAULT_ADAPTER", "AdapterSpec", "Codec", "LoRAConfig", "LoRALayer", "LoRAPlan", "MergeBase", "PlannedLayer",
     "SurgeryReport", "adapter_configs", "adapter_parameters", "add_adapter", "apply_lora", "codec_for",

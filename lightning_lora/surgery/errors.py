@@ -12,6 +12,7 @@ its config class.
     │   ├── LoRAConfigError            LoRAConfig and block selections (``layers=``)
     │   ├── QuantConfigError           QuantConfig
     │   ├── FreezingConfigError        LayerFreezing
+    │   ├── ShardConfigError           ShardConfig (FSDP2 sharding) and block selection
     │   └── KbitConfigError            prepare_for_kbit_training options
     ├── TargetMatchError (ValueError)  a pattern that matches nothing adaptable
     ├── SurgeryError (RuntimeError)    the model is in a state the surgery cannot start from
@@ -46,6 +47,10 @@ class QuantConfigError(ConfigError):
 
 class FreezingConfigError(ConfigError):
     """A :class:`~lightning_lora.callbacks.LayerFreezing` option is invalid."""
+
+
+class ShardConfigError(ConfigError):
+    """A :class:`~lightning_lora.surgery.training.sharding.ShardConfig` field is invalid, or names absent blocks."""
 
 
 class KbitConfigError(ConfigError):

@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_lora.callbacks import LoRAFinetuning
-from lightning_lora.surgery import SurgeryError
+from lightning_lora.surgery import ShardConfigError, SurgeryError
 from lightning_lora.surgery.training.sharding import (
     ShardConfig,
-    ShardConfigError,
     check_can_shard,
     find_blocks,
 )

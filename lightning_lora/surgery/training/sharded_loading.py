@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import CheckpointMismatchError
 from lightning_lora.surgery.lora.inventory import lora_layers
-from lightning_lora.surgery.training.sharding import is_dtensor, like
+from lightning_lora.surgery.training.sharding import dim0_range, is_dtensor, like
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -75,28 +75,19 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
                             "safe_serialization=True), or load it without meta-device initialisation.")
 
 
-def _rows(param: Tensor) -> tuple[int, int] | None:
-    """This rank's row range of a DTensor sharded on dim 0 (FSDP2's layout), or None for a whole tensor."""
-    if not is_dtensor(param):
-        return None
-    from torch.distributed.tensor import Shard
-
-    if len(param.placements) != 1 or not isinstance(param.placements[0], Shard) or param.placements[0].dim != 0:
-        raise ValueError(f"Only FSDP2's dim-0 sharding on a 1-D mesh is supported, got placements {param.placements}.")
-    rows, ranks, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
-    chunk = math.ceil(rows / ranks)
-    start = min(rank * chunk, rows)
-    return start, min(start + chunk, rows)
-
-
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 
 
-@functools.lru_cache(maxsize=64)
 def _header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, the JSON header) of a safetensors file."""
+    """(offset of the data section, the JSON header) of a safetensors file (cached while the file is unchanged)."""
+    stat = path.stat()
+    return _read_header(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_header(path: Path, mtime_ns: int, size: int) -> tuple[int, dict[str, Any]]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         return 8 + size, json.loads(f.read(size))
@@ -178,10 +169,11 @@ def materialize_and_load_(model: nn.Module, directory: str | Path, *, device: to
     """
     files = weight_files(directory)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
-    adapters = {id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
-    base = [(n, p) for n, p in model.named_parameters() if id(p) not in adapters]
-    _check(base, files, directory)
-    model.to_empty(device=device)
+    adapter_names = set(_adapter_names(model))
+    _check([n for n, _ in model.named_parameters() if n not in adapter_names], files, directory)
+    tied = _tied_groups(model)
+    model.to_empty(device=device)  # may replace Parameter objects (meta -> real): everything below goes by name
+    _retie(model, tied)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:
@@ -189,14 +181,37 @@ def materialize_and_load_(model: nn.Module, directory: str | Path, *, device: to
     _init_adapters(model, seed)
     read = 0
     for name, param in model.named_parameters():
-        if id(param) not in adapters:
+        if name not in adapter_names:
             key = name.replace(".base_layer.", ".")
-            read += _read_into_(files[key], key, _rows(param), param.to_local() if is_dtensor(param) else param.data)
+            read += _read_into_(files[key], key, dim0_range(param), param.to_local() if is_dtensor(param) else param.data)
     return read
 
 
-def _check(base: list[tuple[str, Tensor]], files: dict[str, Path], directory: str | Path) -> None:
-    missing = [n for n, _ in base if n.replace(".base_layer.", ".") not in files]
+def _adapter_names(model: nn.Module) -> list[str]:
+    ids = {id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """Share tied parameters again (``to_empty`` gives each module its own new Parameter for meta tensors)."""
+    for first, *others in tied:
+        shared = model.get_parameter(first)
+        for name in others:
+            path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(path)
+            if getattr(owner, attr) is not shared:
+                setattr(owner, attr, shared)
+
+
+def _check(base: list[str], files: dict[str, Path], directory: str | Path) -> None:
+    missing = [n for n in base if n.replace(".base_layer.", ".") not in files]
     if missing:
         raise CheckpointMismatchError(
             f"{str(directory)!r} lacks {len(missing)} weight(s) of this model, e.g. {missing[:5]}.\nHINT: load the "

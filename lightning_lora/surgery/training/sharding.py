@@ -19,15 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.surgery.errors import ConfigError, SurgeryError
+from lightning_lora.surgery.errors import ShardConfigError, SurgeryError
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ShardConfigError(ConfigError):
-    """A :class:`ShardConfig` field is invalid, or names blocks the model does not have."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +97,25 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def dim0_range(tensor: Tensor) -> tuple[int, int] | None:
+    """This rank's rows ``[start, stop)`` of a DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout: chunks of
+    ``ceil(rows / ranks)``), or None for a plain tensor.
+
+    Raises:
+        ValueError: For any other DTensor layout.
+    """
+    if not is_dtensor(tensor):
+        return None
+    from torch.distributed.tensor import Shard
+
+    if len(tensor.placements) != 1 or tensor.placements[0] != Shard(0):
+        raise ValueError(f"Only FSDP2's dim-0 sharding on a 1-D mesh is supported, got {tensor.placements}.")
+    rows, ranks = tensor.shape[0], tensor.device_mesh.size()
+    chunk = math.ceil(rows / ranks)
+    start = min(tensor.device_mesh.get_local_rank() * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
 def take_flat(tensor: Tensor, index: Tensor) -> Tensor:
     """``tensor.reshape(-1)[index]`` in float64 on CPU; for a dim-0 sharded DTensor without gathering the tensor.
 
@@ -110,14 +125,14 @@ def take_flat(tensor: Tensor, index: Tensor) -> Tensor:
     if not is_dtensor(tensor):
         return tensor.detach().reshape(-1)[index.to(tensor.device)].to("cpu", torch.float64)
     import torch.distributed as dist
-    from torch.distributed.tensor import Shard
 
-    if len(tensor.placements) != 1 or tensor.placements[0] != Shard(0):
+    try:
+        rows = dim0_range(tensor)
+    except ValueError:  # another layout: gather it whole
         return full_tensor(tensor.detach()).reshape(-1)[index].to("cpu", torch.float64)
+    assert rows is not None
     local = tensor.to_local().detach()
-    row = math.prod(tensor.shape[1:]) if tensor.dim() > 1 else 1
-    chunk = math.ceil(tensor.shape[0] / tensor.device_mesh.size())
-    start = min(tensor.device_mesh.get_local_rank() * chunk, tensor.shape[0]) * row
+    start = rows[0] * (math.prod(tensor.shape[1:]) if tensor.dim() > 1 else 1)  # flat offset of this rank's rows
     mine = (index >= start) & (index < start + local.numel())
     values = torch.zeros(len(index), dtype=torch.float64)
     values[mine] = local.reshape(-1)[(index[mine] - start).to(local.device)].to("cpu", torch.float64)
