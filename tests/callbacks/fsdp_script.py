@@ -8,9 +8,10 @@ One launch, several fits (each writes under ``<out>``):
 2. ``resume``: resumes the 2-step checkpoint of fit 1 on 2 processes and writes the adapters after step 4.
 3. ``resume_one``: resumes the 2-step checkpoint written by a one-process run (``<out>/one/...``) when it exists.
 4. ``mixed``: LoRA + GradientCheckpointing + LayerFreezing (last block trained fully) for 2 steps.
-5. ``qlora``: QLoRA (NF4, ``quant_storage`` float32) sharded with FSDP2, 2 steps; writes the adapters.
-6. ``meta``: ``CausalLMModule(meta_init=True)`` on ``<out>/meta_model``; peak RSS up to fit start, base vs files.
-7. ``refusals``: tensor parallelism and a model sharded before the surgery; writes the error messages.
+5. ``options``: ``ShardConfig(reshard_after_forward=False, param_dtype="bfloat16", reduce_dtype="float32")``.
+6. ``qlora``: QLoRA (NF4, ``quant_storage`` float32) sharded with FSDP2, 2 steps; writes the adapters.
+7. ``meta``: ``CausalLMModule(meta_init=True)`` on ``<out>/meta_model``; peak RSS up to fit start, base vs files.
+8. ``refusals``: tensor parallelism and a model sharded before the surgery; writes the error messages.
 
 Lightning re-runs this script for rank 1, so it must be importable as a plain script (no pytest in the process).
 """
@@ -37,7 +38,7 @@ from lightning_lora.callbacks import (
     MergeAndExport,
     TrainableParameters,
 )
-from lightning_lora.surgery.training.sharding import full_tensor, local_tensor
+from lightning_lora.surgery.training.sharding import ShardConfig, full_tensor, local_tensor
 from tests.callbacks.models import ResumableLoader, token_data
 
 LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
@@ -173,6 +174,17 @@ def meta(out: Path, rank_file: dict[str, Any]) -> None:
                      meta_identity=lora.identity)
 
 
+def options(out: Path) -> None:
+    """reshard_after_forward=False with bf16 compute and fp32 gradient reduction (FSDP2's MixedPrecisionPolicy)."""
+    module = FSDPLlama()
+    shard = ShardConfig(reshard_after_forward=False, param_dtype="bfloat16", reduce_dtype="float32")
+    trainer = make_trainer(out / "options", [LoRAFinetuning(LORA, module="model", shard=shard)], max_steps=2)
+    trainer.fit(module)
+    adapters = gathered_adapters(module)
+    if trainer.is_global_zero:
+        save_file(adapters, str(out / "options_adapters.safetensors"))
+
+
 def mixed(out: Path, rank_file: dict[str, Any]) -> None:
     module = FSDPLlama()
     before = {n: p.detach().clone() for n, p in module.named_parameters() if "layers.1." in n}
@@ -225,6 +237,7 @@ def main(out: Path) -> None:
         resume(out, one, "resume_one")
     mixed(out, rank_file)
     qlora(out)
+    options(out)
     if (out / "meta_model").exists():
         meta(out, rank_file)
     refusals(out, rank_file)

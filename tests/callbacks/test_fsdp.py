@@ -147,6 +147,15 @@ def test_meta_init_loads_each_ranks_rows_without_the_whole_model(runs: dict) -> 
     assert runs["ranks"][0]["meta_identity"] == {**identity, "name": runs["ranks"][0]["meta_identity"]["name"]}
 
 
+def test_mixed_precision_policy_and_no_reshard_take_effect(runs: dict) -> None:
+    """bf16 compute changes the trained adapters a little (so the policy was applied), fp32 reduction keeps them close."""
+    options = load_file(runs["out"] / "options_adapters.safetensors")
+    reference = torch.load(runs["out"] / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)["state_dict"]  # fp32
+    assert sorted(options) == sorted(reference)
+    diffs = [float((options[n] - reference[n]).abs().max()) for n in reference if ".lora_B." in n]
+    assert 0 < max(diffs) < 0.2 * max(float(reference[n].abs().max()) for n in reference if ".lora_B." in n)
+
+
 def test_refuses_tensor_parallel_and_a_model_sharded_before_the_surgery(runs: dict) -> None:
     for rank in runs["ranks"]:
         assert rank["tensor_parallel"].startswith("SurgeryError") and "tensor_parallel_size=2" in rank["tensor_parallel"]
