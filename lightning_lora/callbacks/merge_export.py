@@ -15,7 +15,7 @@ from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.io.export import ExportReport, export_merged
 from lightning_lora.surgery.lora.merge import MergeBase
 from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root
-from lightning_lora.surgery.training.sharded_export import export_merged_sharded
+from lightning_lora.surgery.training.sharded_export import check_sharded_export, export_merged_sharded
 from lightning_lora.surgery.training.sharding import is_sharded
 
 
@@ -68,6 +68,8 @@ class MergeAndExport(Callback):
             known = sorted(adapter_configs(root)) or "none"
             raise SurgeryError(f"MergeAndExport: the model has no LoRA adapter {self.adapter_name!r} (adapters: {known}).\n"
                                "HINT: add LoRAFinetuning(...) to the Trainer's callbacks, or pass the adapter_name it uses.")
+        if is_sharded(root):
+            check_sharded_export(root, self.adapter_name)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

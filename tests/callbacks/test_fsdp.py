@@ -212,3 +212,20 @@ def test_qlora_refuses_a_base_on_the_meta_device() -> None:
     with pytest.raises(SurgeryError, match="meta device"):
         LoRAFinetuning(LORA, quantize=QUANT).apply(model)
     assert not any(".lora_" in n for n, _ in model.named_parameters())  # unchanged
+
+
+def test_sharded_merged_export_refuses_4bit_bases_and_plain_modules() -> None:
+    from lightning_lora import apply_lora, quantize_model
+    from lightning_lora.surgery.training.sharded_export import check_sharded_export
+
+    model = tiny_llama(num_layers=1)
+    quantize_model(model, QUANT)
+    apply_lora(model, LORA)
+    with pytest.raises(SurgeryError, match=r"Linear layers only; found \['Linear4bit'\]"):
+        check_sharded_export(model, "default")
+    net = TinyNet()
+    apply_lora(net, LORA)
+    with pytest.raises(SurgeryError, match="needs a transformers model; got TinyNet"):
+        check_sharded_export(net, "default")
+    with pytest.raises(SurgeryError, match=r"no LoRA adapter named 'other'.*\['default'\]"):
+        check_sharded_export(net, "other")

@@ -58,7 +58,7 @@ def export_merged_sharded(model: nn.Module, dirpath: str | Path, *, adapter_name
         SurgeryError: If the model is not a transformers model, lacks the adapter, or has non-Linear LoRA layers.
     """
     _, root = find_lora_root(model)
-    _check(root, adapter_name)
+    check_sharded_export(root, adapter_name)
     target = Path(dirpath)
     report = ExportReport(str(target), str(target / "adapter"), str(target / "merged"), "transformers", adapter_name,
                           None)
@@ -72,7 +72,8 @@ def export_merged_sharded(model: nn.Module, dirpath: str | Path, *, adapter_name
     return report
 
 
-def _check(root: nn.Module, adapter_name: str) -> None:
+def check_sharded_export(root: nn.Module, adapter_name: str) -> None:
+    """Raise :class:`SurgeryError` if :func:`export_merged_sharded` cannot export ``root`` (call before training)."""
     if adapter_name not in adapter_configs(root):
         known = sorted(adapter_configs(root)) or "none"
         raise SurgeryError(f"export: no LoRA adapter named {adapter_name!r} on this model (adapters: {known}).")
