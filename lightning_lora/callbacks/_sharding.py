@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,15 +30,17 @@ from lightning_lora.surgery.training.sharding import (
 )
 
 
-def shard_config(shard: ShardConfig | str | dict | None) -> ShardConfig:
-    """``ShardConfig`` from the callback argument: a config, its fields as a dict, a block class name, or None."""
+def shard_config(shard: ShardConfig | str | Callable[[str, Any], bool] | dict | None) -> ShardConfig:
+    """``ShardConfig`` from the callback argument: a config, its fields as a dict, a block class name, a policy
+    ``(path, module) -> bool``, or None."""
     if isinstance(shard, ShardConfig):
         return shard
     if isinstance(shard, dict):
         return ShardConfig(**shard)
-    if shard is None or isinstance(shard, str):
+    if shard is None or isinstance(shard, str) or callable(shard):
         return ShardConfig(blocks=shard or None)
-    raise TypeError(f"shard={shard!r}: give a ShardConfig, a block class name (e.g. 'LlamaDecoderLayer') or None.")
+    raise TypeError(f"shard={shard!r}: give a ShardConfig, a block class name (e.g. 'LlamaDecoderLayer'), a policy "
+                    "(path, module) -> bool, or None.")
 
 
 def uses_model_parallel(trainer: pl.Trainer) -> bool:

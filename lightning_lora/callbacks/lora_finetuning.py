@@ -18,6 +18,7 @@ the sharding as the last action after ``configure_model`` (see :mod:`._sharding`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ class LoRAFinetuning(Callback):
         adapter_name: Name of the adapter. Default: ``"default"``.
         shard: Under Lightning's ``ModelParallelStrategy`` (FSDP2), how the callback shards the model after the
             surgery: a :class:`~lightning_lora.surgery.training.sharding.ShardConfig`, or just the block class name
-            (e.g. ``"LlamaDecoderLayer"``). Each block becomes one FSDP unit, then the root. Do not shard in
+            (e.g. ``"LlamaDecoderLayer"``) or a policy ``(path, module) -> bool``. Each block becomes one FSDP unit, then the root. Do not shard in
             ``configure_model`` yourself. Ignored under other strategies. Default: None (``ShardConfig()``: the
             repeated blocks, e.g. ``LlamaDecoderLayer``).
 
@@ -86,7 +87,8 @@ class LoRAFinetuning(Callback):
 
     def __init__(self, config: LoRAConfig | None = None, *, quantize: QuantConfig | None = None,
                  module: str | None = None, adapter_only_checkpoints: bool = True,
-                 adapter_name: str = DEFAULT_ADAPTER, shard: ShardConfig | str | None = None) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER,
+                 shard: ShardConfig | str | Callable[[str, torch.nn.Module], bool] | None = None) -> None:
         if isinstance(config, dict):
             config = LoRAConfig.from_dict(config)
         if isinstance(quantize, dict):

@@ -166,6 +166,7 @@ def test_refuses_tensor_parallel_and_a_model_sharded_before_the_surgery(runs: di
 def test_default_blocks_and_shard_config_errors() -> None:
     assert [p for p, _ in find_blocks(tiny_llama(num_layers=2))] == ["model.layers.0", "model.layers.1"]
     assert [p for p, _ in find_blocks(TinyNet())] == ["layers.0", "layers.1"]  # the class repeated in a ModuleList
+    assert [p for p, _ in find_blocks(TinyNet(), lambda path, _: path in ("layers.1", "layers.1.mlp"))] == ["layers.1"]
     with pytest.raises(ShardConfigError, match=r"no module of class \['GPT2Block'\].*LlamaForCausalLM"):
         find_blocks(tiny_llama(num_layers=2), "GPT2Block")
     with pytest.raises(ShardConfigError, match=r"param_dtype='fp8': use one of"):
@@ -175,6 +176,9 @@ def test_default_blocks_and_shard_config_errors() -> None:
     with pytest.raises(TypeError, match="shard=3"):
         LoRAFinetuning(shard=3)  # type: ignore[arg-type]
     assert LoRAFinetuning(shard="LlamaDecoderLayer").shard == ShardConfig(blocks="LlamaDecoderLayer")
+    assert LoRAFinetuning(shard={"reshard_after_forward": False}).shard == ShardConfig(reshard_after_forward=False)
+    with pytest.raises(ShardConfigError, match="no module chosen by"):
+        find_blocks(TinyNet(), lambda path, module: False)
 
 
 def test_fsdp_example_config_runs_on_two_cpu_processes(tmp_path: Path) -> None:

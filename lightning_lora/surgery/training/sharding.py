@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from lightning_lora.surgery.errors import ShardConfigError, SurgeryError
 
 log = logging.getLogger(__name__)
 
+DtypeName = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,9 +33,9 @@ class ShardConfig:
     """How to shard a model with FSDP2 (``fully_shard``) after the surgery.
 
     Args:
-        blocks: Class name of the blocks that become one FSDP unit each (e.g. ``"LlamaDecoderLayer"``). Default:
-            None (a transformers model's ``_no_split_modules``, else the class repeated in the model's
-            ``nn.ModuleList``).
+        blocks: The blocks that become one FSDP unit each: a class name (e.g. ``"LlamaDecoderLayer"``) or, in
+            Python, a policy ``(path, module) -> bool``. Default: None (a transformers model's
+            ``_no_split_modules``, else the class repeated in the model's ``nn.ModuleList``).
         reshard_after_forward: Free each block's gathered weights after its forward and gather them again for the
             backward (ZeRO-3; less memory). False keeps them until the backward (ZeRO-2-like; one all-gather less per
             block, the whole model's weights live during the backward). Default: True.
@@ -45,18 +47,19 @@ class ShardConfig:
             Default: None (the ``param_dtype``).
     """
 
-    blocks: str | None = None
+    blocks: str | Callable[[str, nn.Module], bool] | None = None
     reshard_after_forward: bool = True
     cpu_offload: bool = False
-    param_dtype: str | None = None
-    reduce_dtype: str | None = None
+    param_dtype: DtypeName | None = None
+    reduce_dtype: DtypeName | None = None
 
     def __post_init__(self) -> None:
         problems = [f"{field}={value!r}: use one of {sorted(_DTYPES)} or None"
                     for field, value in (("param_dtype", self.param_dtype), ("reduce_dtype", self.reduce_dtype))
                     if value is not None and value not in _DTYPES]
-        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
-            problems.append(f"blocks={self.blocks!r}: give a module class name, e.g. 'LlamaDecoderLayer', or None")
+        if self.blocks is not None and not callable(self.blocks) and (not isinstance(self.blocks, str) or not self.blocks):
+            problems.append(f"blocks={self.blocks!r}: give a module class name, e.g. 'LlamaDecoderLayer', a policy "
+                            "(path, module) -> bool, or None")
         if problems:
             raise ShardConfigError("ShardConfig: " + "; ".join(problems) + ".")
 
@@ -174,28 +177,35 @@ def like(param: Tensor, full: Tensor) -> Tensor:
     return distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements, src_data_rank=None)
 
 
-def find_blocks(model: nn.Module, blocks: str | None = None) -> list[tuple[str, nn.Module]]:
+def find_blocks(model: nn.Module, blocks: str | Callable[[str, nn.Module], bool] | None = None
+                ) -> list[tuple[str, nn.Module]]:
     """The modules that become one FSDP unit each, as ``(path, module)`` in model order (outermost only).
 
     Args:
         model: The (adapted) model.
-        blocks: A module class name. Default: None (``_no_split_modules`` of a transformers model, else the class
-            repeated within the model's ``nn.ModuleList`` containers).
+        blocks: A module class name, or a policy ``(path, module) -> bool``. Default: None (``_no_split_modules``
+            of a transformers model, else the class repeated within the model's ``nn.ModuleList`` containers).
 
     Raises:
-        ShardConfigError: If ``blocks`` names a class the model does not have, or no repeated blocks are found.
+        ShardConfigError: If nothing matches (the message lists the model's module classes).
     """
-    names = {blocks} if blocks else _default_block_classes(model)
+    if callable(blocks):
+        chosen: Callable[[str, nn.Module], bool] = blocks
+        wanted = f"chosen by {getattr(blocks, '__name__', blocks)!r}"
+    else:
+        names = {blocks} if blocks else _default_block_classes(model)
+        chosen = lambda _, module: type(module).__name__ in names
+        wanted = f"of class {sorted(names) or 'any repeated block'}"
     found: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
-        if path and type(module).__name__ in names and not any(path.startswith(f"{p}.") for p, _ in found):
+        if path and chosen(path, module) and not any(path.startswith(f"{p}.") for p, _ in found):
             found.append((path, module))
     if not found:
         classes = sorted(Counter(type(m).__name__ for m in model.modules()))
         raise ShardConfigError(
-            f"ShardConfig(blocks={blocks!r}): no module of class {sorted(names) or 'any repeated block'} in "
-            f"{type(model).__name__} (its classes: {classes[:20]}).\nHINT: name the transformer block class, "
-            "e.g. ShardConfig(blocks='LlamaDecoderLayer') (shard='LlamaDecoderLayer' on LoRAFinetuning).")
+            f"ShardConfig(blocks={blocks!r}): no module {wanted} in {type(model).__name__} (its classes: "
+            f"{classes[:20]}).\nHINT: name the transformer block class, e.g. ShardConfig(blocks='LlamaDecoderLayer') "
+            "(shard='LlamaDecoderLayer' on LoRAFinetuning).")
     return found
 
 
