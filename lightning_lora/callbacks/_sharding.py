@@ -29,6 +29,8 @@ from lightning_lora.surgery.training.sharding import (
     shard_model,
 )
 
+SHARD_KEY = "lightning_lora/fsdp2"
+
 
 def shard_config(shard: ShardConfig | str | Callable[[str, Any], bool] | dict | None) -> ShardConfig:
     """``ShardConfig`` from the callback argument: a config, its fields as a dict, a block class name, a policy
@@ -48,8 +50,8 @@ def uses_model_parallel(trainer: pl.Trainer) -> bool:
     return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
-def prepare_sharding(trainer: pl.Trainer, pl_module: pl.LightningModule, key: str, module: str | None,
-                     config: ShardConfig, adapter_only: bool) -> None:
+def prepare_sharding(trainer: pl.Trainer, pl_module: pl.LightningModule, module: str | None, config: ShardConfig,
+                     adapter_only: bool) -> None:
     """Check the mesh, take over checkpoint I/O (``adapter_only``) and register the sharding of ``module``."""
     strategy = trainer.strategy
     mesh = strategy.device_mesh
@@ -67,7 +69,7 @@ def prepare_sharding(trainer: pl.Trainer, pl_module: pl.LightningModule, key: st
         rank_zero_info(f"FSDP2: {len(paths)} blocks ({paths[0]} ... {paths[-1]}) and the root sharded over "
                        f"{mesh['data_parallel'].size()} processes")
 
-    when_model_ready(pl_module, f"{key}/shard", SHARDING, shard)
+    when_model_ready(pl_module, SHARD_KEY, SHARDING, shard)  # one key: several adapters' callbacks shard once
 
 
 def _built(pl_module: pl.LightningModule, module: str | None) -> bool:

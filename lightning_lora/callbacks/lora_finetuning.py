@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import IDENTITY, LORA, forget, target_module, when_model_ready
-from lightning_lora.callbacks._sharding import prepare_sharding, shard_config, uses_model_parallel
+from lightning_lora.callbacks._sharding import SHARD_KEY, prepare_sharding, shard_config, uses_model_parallel
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER, apply_lora, plan_lora
 from lightning_lora.surgery.errors import CheckpointMismatchError
 from lightning_lora.surgery.training.adapter_checkpoint import adapter_only_state_dict, config_differences, install_load_guard
@@ -117,7 +117,7 @@ class LoRAFinetuning(Callback):
         when_model_ready(pl_module, self.state_key, LORA, self.apply)
         when_model_ready(pl_module, f"{self.state_key}/identity", IDENTITY, self._identity_after_load)
         if uses_model_parallel(trainer):
-            prepare_sharding(trainer, pl_module, self.state_key, self.module, self.shard, self.adapter_only_checkpoints)
+            prepare_sharding(trainer, pl_module, self.module, self.shard, self.adapter_only_checkpoints)
         if self.adapter_only_checkpoints and any(isinstance(cb, ModelCheckpoint) and cb.save_weights_only
                                                  for cb in trainer.callbacks):
             rank_zero_warn("ModelCheckpoint(save_weights_only=True) skips callbacks' checkpoint hooks, so its checkpoints "
@@ -231,7 +231,7 @@ class LoRAFinetuning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for key in (self.state_key, f"{self.state_key}/identity", f"{self.state_key}/shard"):
+        for key in (self.state_key, f"{self.state_key}/identity", SHARD_KEY):
             forget(pl_module, key)
 
     # ------------------------------------------------------------------------------------------------ outside fit
