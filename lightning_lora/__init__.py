@@ -58,6 +58,7 @@ __all__ = [
     "QuantConfigError",
     "QuantReport",
     "QuantizationError",
+    "ShardConfigError",
     "SurgeryError",
     "SurgeryReport",
     "TargetMatchError",

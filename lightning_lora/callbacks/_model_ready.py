@@ -24,6 +24,9 @@ LORA = 10
 FREEZING = 20
 CHECKPOINTING = 30
 PRECISION = 40  # the built-in module's dtype="auto": casts what is frozen, so it runs after everything that freezes
+SHARDING = 90  # FSDP2 last: it turns every parameter into a DTensor
+LOAD_WEIGHTS = 95  # a model built on the meta device gets its (sharded) weights
+IDENTITY = 99  # fingerprints of bases that were on the meta device during the surgery
 
 
 def when_model_ready(pl_module: nn.Module, key: str, priority: int, action: Callable[[Any], None]) -> None:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -81,12 +81,13 @@ class LayerFreezing(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.schedule and isinstance(trainer.strategy, DDPStrategy):
+        if self.schedule and isinstance(trainer.strategy, (DDPStrategy, ModelParallelStrategy)):
             # DDP registers the parameters that require grad when it wraps the model; parameters unfrozen later are
-            # never all-reduced, so the ranks would silently drift apart.
+            # never all-reduced, so the ranks would silently drift apart. FSDP2 fixes its gradient layout at its
+            # first forward too.
             raise ValueError(
-                f"LayerFreezing(schedule={self.schedule!r}) cannot unfreeze blocks during training under DDP: "
-                "DDP only synchronises parameters that were trainable when it wrapped the model.\n"
+                f"LayerFreezing(schedule={self.schedule!r}) cannot unfreeze blocks during training under DDP or FSDP2: "
+                "they only synchronise parameters that were trainable when they wrapped the model.\n"
                 "HINT: train those blocks from the start (blocks=...), or run the schedule on one device."
             )
         when_model_ready(pl_module, self.state_key, FREEZING, self.apply)

@@ -6,10 +6,15 @@ for checkpoints written under its name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from lightning_lora.callbacks.peft_finetuning import PEFTFinetuning
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.lora.config import LoRAConfig
 from lightning_lora.surgery.quant.config import QuantConfig
+from lightning_lora.surgery.training.sharding import ShardConfig
 
 
 class LoRAFinetuning(PEFTFinetuning):
@@ -45,11 +50,12 @@ class LoRAFinetuning(PEFTFinetuning):
 
     def __init__(self, config: LoRAConfig | None = None, *, quantize: QuantConfig | None = None,
                  module: str | None = None, adapter_only_checkpoints: bool = True,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER,
+                 shard: ShardConfig | str | Callable[[str, torch.nn.Module], bool] | None = None) -> None:
         if isinstance(config, dict):
             config = LoRAConfig.from_dict(config)
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(f"config={config!r}: expected a LoRAConfig (or a dict of its fields), or None for the "
                             "defaults. HINT: for the other methods use PEFTFinetuning(config).")
         super().__init__(config if config is not None else LoRAConfig(), quantize=quantize, module=module,
-                         adapter_only_checkpoints=adapter_only_checkpoints, adapter_name=adapter_name)
+                         adapter_only_checkpoints=adapter_only_checkpoints, adapter_name=adapter_name, shard=shard)

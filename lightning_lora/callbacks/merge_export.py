@@ -15,6 +15,8 @@ from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.io.export import ExportReport, export_merged
 from lightning_lora.surgery.lora.merge import MergeBase
 from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root
+from lightning_lora.surgery.training.sharded_export import check_sharded_export, export_merged_sharded
+from lightning_lora.surgery.training.sharding import is_sharded
 
 
 class MergeAndExport(Callback):
@@ -25,7 +27,8 @@ class MergeAndExport(Callback):
     loads, with the module's ``tokenizer`` when it has one; for other modules ``model.safetensors`` with the adapted
     module's own parameter names), and ``export.json`` with the largest merged-vs-unmerged output difference on a
     probe batch. The merge runs on a copy: the trained model in memory keeps its adapters. The directory is written
-    atomically and only on global rank zero.
+    atomically and only on global rank zero. A model sharded with FSDP2 is not copied: every rank gathers one tensor
+    at a time while rank zero writes a sharded ``save_pretrained`` directory block by block (no probe check then).
 
     Args:
         dirpath: Output directory (replaced whole if it exists).
@@ -65,13 +68,20 @@ class MergeAndExport(Callback):
             known = sorted(adapter_configs(root)) or "none"
             raise SurgeryError(f"MergeAndExport: the model has no LoRA adapter {self.adapter_name!r} (adapters: {known}).\n"
                                "HINT: add LoRAFinetuning(...) to the Trainer's callbacks, or pass the adapter_name it uses.")
+        if is_sharded(root):
+            check_sharded_export(root, self.adapter_name)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         target = target_module(pl_module, self.module)
         _, root = find_lora_root(target)
+        if is_sharded(root):  # FSDP2: every rank gathers (collective), rank zero writes
+            self.report = export_merged_sharded(root, self.dirpath, adapter_name=self.adapter_name,
+                                                write=trainer.is_global_zero, tokenizer=getattr(pl_module, "tokenizer", None))
+            rank_zero_info(str(self.report))
+            return
+        if not trainer.is_global_zero:
+            return
         config = adapter_configs(root)[self.adapter_name]
         if hasattr(config, "merge_refusal"):  # bottleneck / prompt / P- / prefix tuning: nothing can be merged
             from lightning_lora.surgery.io.adapter_files import save_adapter

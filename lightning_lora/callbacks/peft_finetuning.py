@@ -15,6 +15,7 @@ Hooks, in Lightning 2.6's ``fit`` order:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.callbacks._checked_io import install_checked_io
-from lightning_lora.callbacks._model_ready import LORA, forget, target_module, when_model_ready
+from lightning_lora.callbacks._model_ready import IDENTITY, LORA, forget, target_module, when_model_ready
+from lightning_lora.callbacks._sharding import SHARD_KEY, prepare_sharding, shard_config, uses_model_parallel
 from lightning_lora.surgery.errors import CheckpointMismatchError, OptimizerSetupError, SurgeryError
 from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.lora.inventory import adapter_configs
@@ -42,6 +44,8 @@ from lightning_lora.surgery.training.adapter_checkpoint import (
 )
 from lightning_lora.surgery.training.checkpoint_file import read_checkpoint
 from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
+from lightning_lora.surgery.training.sharded_loading import has_meta_parameters
+from lightning_lora.surgery.training.sharding import ShardConfig, check_can_shard
 from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainable_not_in_optimizers
 
 _STATE_VERSION = 1
@@ -77,6 +81,11 @@ class PEFTFinetuning(Callback):
         adapter_only_checkpoints: Checkpoints hold only the trainable tensors (adapters, ``modules_to_save``),
             optimizer and scheduler states, the adapter settings and a fingerprint of the base model. Default: True.
         adapter_name: Name of the adapter. Default: ``"default"``.
+        shard: Under Lightning's ``ModelParallelStrategy`` (FSDP2), how the callback shards the model after the
+            surgery: a :class:`~lightning_lora.surgery.training.sharding.ShardConfig`, the block class name (e.g.
+            ``"LlamaDecoderLayer"``) or a policy ``(path, module) -> bool``. Each block becomes one FSDP unit, then the
+            root. Do not shard in ``configure_model`` yourself. Ignored under other strategies. Default: None
+            (``ShardConfig()``: the repeated blocks, e.g. ``LlamaDecoderLayer``).
 
     Example:
         >>> import lightning as L
@@ -86,7 +95,8 @@ class PEFTFinetuning(Callback):
 
     def __init__(self, config: PEFTConfig, *, quantize: QuantConfig | None = None,
                  module: str | None = None, adapter_only_checkpoints: bool = True,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER,
+                 shard: ShardConfig | str | Callable[[str, torch.nn.Module], bool] | None = None) -> None:
         if isinstance(quantize, dict):
             quantize = QuantConfig(**quantize)
         if not isinstance(config, tuple(CONFIG_CLASSES.values())):
@@ -99,6 +109,7 @@ class PEFTFinetuning(Callback):
         self.module = module
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.adapter_name = adapter_name
+        self.shard = shard_config(shard)
         self.report: SurgeryReport | None = None
         self.identity: dict[str, Any] | None = None
 
@@ -111,6 +122,9 @@ class PEFTFinetuning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         when_model_ready(pl_module, self.state_key, LORA, self.apply)
+        when_model_ready(pl_module, f"{self.state_key}/identity", IDENTITY, self._identity_after_load)
+        if uses_model_parallel(trainer):
+            prepare_sharding(trainer, pl_module, self.module, self.shard, self.adapter_only_checkpoints)
         install_checked_io(trainer)  # a truncated ckpt_path is named as such, not `OSError: [Errno 22]`
         if self.adapter_only_checkpoints and any(isinstance(cb, ModelCheckpoint) and cb.save_weights_only
                                                  for cb in trainer.callbacks):
@@ -134,7 +148,15 @@ class PEFTFinetuning(Callback):
         existing = adapter_configs(target).get(self.adapter_name)
         if existing is not None:
             return self._check_existing(pl_module, target, existing)
-        self.identity = model_identity(target)  # of the base as built, before quantization and LoRA
+        check_can_shard(pl_module)  # FSDP2 would not manage adapters added to an already sharded model
+        if self.quantize is not None and has_meta_parameters(target):
+            raise SurgeryError(f"{type(self).__name__}(quantize=...): the model's weights are on the meta device (not "
+                               "loaded yet), and 4-bit quantization needs their values.\nHINT: load the model normally "
+                               "(CausalLMModule(meta_init=False)) for QLoRA; shard it with quant_storage set to the "
+                               "compute dtype.")
+        # Of the base as built, before quantization and the adapter; a base on the meta device has no values yet: its
+        # fingerprint is taken once its weights are loaded (_identity_after_load).
+        self.identity = None if has_meta_parameters(target) else model_identity(target)
         if self.quantize is not None:
             from lightning_lora.surgery.quant.quantize import quantize_model
 
@@ -145,6 +167,10 @@ class PEFTFinetuning(Callback):
         install_load_guard(pl_module, self.adapter_name)
         rank_zero_info(str(self.report))
         return self.report
+
+    def _identity_after_load(self, pl_module: torch.nn.Module) -> None:
+        if self.identity is None:
+            self.identity = model_identity(target_module(pl_module, self.module))  # DTensors: collective, every rank
 
     @property
     def method(self) -> str:
@@ -224,7 +250,8 @@ class PEFTFinetuning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        forget(pl_module, self.state_key)
+        for key in (self.state_key, f"{self.state_key}/identity", SHARD_KEY):
+            forget(pl_module, key)
 
     # ------------------------------------------------------------------------------------------------ outside fit
     def load_checkpoint(self, pl_module: pl.LightningModule, ckpt_path: str | Path) -> pl.LightningModule:

@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import target_module
+from lightning_lora.surgery.training.sharding import is_sharded, local_bytes
 from lightning_lora.surgery.training.summary import ParameterSummary, summarize_parameters
 
 
@@ -32,12 +33,21 @@ class TrainableParameters(Callback):
         self.module = module
         self.log = log
         self.summary: ParameterSummary | None = None
+        self.rank_bytes: int | None = None  # weights held by this rank, when the model is sharded
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.summary = summarize_parameters(target_module(pl_module, self.module), optimizer)
-        rank_zero_info(self.summary.table())
+        target = target_module(pl_module, self.module)
+        self.summary = summarize_parameters(target, optimizer)
+        metrics = self.summary.metrics()
+        table = self.summary.table()
+        if is_sharded(target):  # DTensors: the summary counts logical sizes; each rank holds its shards
+            self.rank_bytes = local_bytes(target)
+            metrics["params/weight_bytes_per_rank"] = float(self.rank_bytes)
+            table += (f"\n  sharded (FSDP2) over {trainer.world_size} processes: logical sizes above; weights held by "
+                      f"rank {trainer.global_rank}: {self.rank_bytes:,} bytes")
+        rank_zero_info(table)
         if self.log:
             for logger in trainer.loggers:
-                logger.log_metrics(self.summary.metrics(), step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.global_step)

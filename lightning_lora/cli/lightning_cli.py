@@ -31,6 +31,7 @@ from lightning_lora.modules.causal_lm import CausalLMModule
 from lightning_lora.surgery.errors import TargetMatchError
 from lightning_lora.surgery.lora.config import LoRAConfig
 from lightning_lora.surgery.methods.apply import PEFTConfig
+from lightning_lora.surgery.training.sharding import ShardConfig
 
 log = logging.getLogger(__name__)
 use_flat_config_keys()
@@ -68,7 +69,7 @@ class LoRACLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--lora.*``, ``--quantize.*``, ``--lora_module`` and ``--adapter_only_checkpoints``."""
+        """Add ``--lora.*``, ``--quantize.*``, ``--lora_module``, ``--adapter_only_checkpoints`` and ``--shard.*``."""
         parser.add_argument("--lora", type=Optional[LoRAConfig], default=LoRAConfig(),
                             help="LoRA settings, or null for none (full fine-tuning, layer freezing). Keys: "
                                  f"{flat_keys_help('lora', LoRAConfig)}. `--lora.help LoRAConfig` explains each key.")
@@ -87,6 +88,9 @@ class LoRACLI(LightningCLI):
         parser.add_argument("--health", type=Optional[AdapterHealth], default=lazy_instance(AdapterHealth),
                             help="Adapter health checks (AdapterHealth: optimizer, gradients, update size, non-finite "
                                  "stop); on by default, null to turn off, e.g. --health.on_nonfinite skip.")
+        parser.add_argument("--shard", type=Optional[ShardConfig], default=None,
+                            help="FSDP2 sharding options under ModelParallelStrategy (blocks, reshard_after_forward, "
+                                 "cpu_offload, param_dtype, reduce_dtype); ignored under other strategies.")
         parser.link_arguments("model.model", "data.tokenizer")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -132,7 +136,7 @@ class LoRACLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         lora, quantize, peft = config.get("lora"), config.get("quantize"), config.get("peft")
         options = dict(quantize=quantize, module=config.get("lora_module"),
-                       adapter_only_checkpoints=config.get("adapter_only_checkpoints", True))
+                       adapter_only_checkpoints=config.get("adapter_only_checkpoints", True), shard=config.get("shard"))
         if peft is not None:
             from lightning_lora.callbacks import PEFTFinetuning
 

@@ -22,11 +22,18 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, Metric
 
 from lightning_lora.callbacks._model_ready import PRECISION, forget, when_model_ready
-from lightning_lora.modules.loading import DtypeName, load_causal_lm, resolve_dtype
+from lightning_lora.modules.loading import (
+    DtypeName,
+    load_causal_lm,
+    load_causal_lm_on_meta,
+    resolve_dtype,
+    resolve_model_path,
+)
 from lightning_lora.modules.precision import (
     autocast_to,
     cast_frozen_,
@@ -34,6 +41,7 @@ from lightning_lora.modules.precision import (
     to_float32_,
     upcast_trainable_,
 )
+from lightning_lora.surgery.training.sharding import is_sharded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -116,6 +124,10 @@ class CausalLMModule(L.LightningModule):
             Default: None.
         max_new_tokens: Tokens generated per validation prompt for exact match. Default: ``16``.
         exact_match: Generate greedily on validation prompts and log ``val_exact_match``. Default: ``True``.
+        meta_init: Under ``ModelParallelStrategy`` (FSDP2), build the model on the meta device, let the callbacks
+            apply LoRA and shard it, then read each process's rows of every weight from the ``save_pretrained``
+            safetensors files: no process ever holds the whole model. Ignored under other strategies.
+            Default: ``False``.
     """
 
     def __init__(
@@ -126,6 +138,7 @@ class CausalLMModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 16,
         exact_match: bool = True,
+        meta_init: bool = False,
     ) -> None:
         super().__init__()
         resolve_dtype(dtype)  # fail at construction on a bad name, not at fit time
@@ -139,6 +152,7 @@ class CausalLMModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
         self.exact_match = exact_match
+        self.meta_init = meta_init
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._packing_checked = False
@@ -149,6 +163,9 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         """Load the model and tokenizer, once; later calls do nothing (Lightning may call this repeatedly)."""
         if self.model is not None:
+            return
+        if self.meta_init and self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self._build_on_meta()
             return
         self.model, self.tokenizer = load_causal_lm(self.model_name_or_path, self.load_dtype)
         # from_pretrained returns eval mode and Lightning >= 2.2 keeps submodule modes as found, which would
@@ -197,6 +214,28 @@ class CausalLMModule(L.LightningModule):
             callback = cls.from_state(state)
             callback.apply(self)
             callback.load_state_dict(state)
+
+    def _build_on_meta(self) -> None:
+        """Meta-device model now; its weights are loaded after the callbacks' surgery and sharding."""
+        from lightning_lora.callbacks._model_ready import LOAD_WEIGHTS
+        from lightning_lora.surgery.training.sharded_loading import materialize_and_load_
+
+        self.model, self.tokenizer = load_causal_lm_on_meta(self.model_name_or_path, self.load_dtype)
+        self.model.train(self.training)
+        directory, device = resolve_model_path(self.model_name_or_path), self.trainer.strategy.root_device
+
+        def load(module: CausalLMModule) -> None:
+            read = materialize_and_load_(module.model, directory, device=device)
+            log.info("rank %d read %.1f MiB of weights from %s", self.global_rank, read / 2**20, directory)
+
+        # After LoRA and sharding when a callback registered them (the wrapper runs them right after this method);
+        # without such a callback, the model is loaded whole here.
+        rank_zero_info(f"CausalLMModule: built {directory} on the meta device; each process reads its shard of the "
+                       "weights after the surgery and the sharding.")
+        if "configure_model" in self.__dict__:
+            when_model_ready(self, "CausalLMModule/load_weights", LOAD_WEIGHTS, load)
+        else:
+            load(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model; returns its output (with ``.loss`` when ``labels`` is given)."""
@@ -292,6 +331,8 @@ class CausalLMModule(L.LightningModule):
                 attention_mask=attention_mask,
                 do_sample=False,
                 max_new_tokens=self.max_new_tokens,
+                # Sharded (FSDP2): every forward is collective, so ranks keep stepping until all of them are done.
+                synced_gpus=is_sharded(model),
                 pad_token_id=tokenizer.pad_token_id,
             )  # (B, T + new)
         return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)

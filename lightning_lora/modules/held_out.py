@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_lora.surgery.io.atomic import atomic_file
 from lightning_lora.surgery.lora.report import count_parameters
+from lightning_lora.surgery.training.sharding import is_sharded
 
 
 def peak_rss_mib() -> float:
@@ -47,6 +48,12 @@ class HeldOutAccuracy(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_sharded(pl_module):
+            raise RuntimeError(
+                "HeldOutAccuracy generates on global rank zero only, and a model sharded with FSDP2 cannot run a forward "
+                "on one rank (every forward gathers weights from all ranks).\nHINT: drop HeldOutAccuracy from sharded "
+                "runs and score the exported model afterwards (MergeAndExport writes a from_pretrained directory), or "
+                "use the module's validation (val_exact_match), which runs on every rank.")
         trainable, total = count_parameters(pl_module)
         self.record = {"name": self.name, "trainable_params": trainable, "total_params": total}
         if self.before and trainer.is_global_zero:

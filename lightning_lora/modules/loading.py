@@ -154,3 +154,33 @@ def load_causal_lm(name_or_path: str, dtype: DtypeName = "auto") -> tuple[PreTra
         model.config.name_or_path = alias
     log.info("loaded %s (%s, %.1fM parameters)", resolved, torch_dtype, model.num_parameters() / 1e6)
     return model, tokenizer
+
+
+def load_causal_lm_on_meta(name_or_path: str, dtype: DtypeName = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build a causal LM from its config with its parameters on the meta device (no memory), and its tokenizer.
+
+    The weights are read later, after the surgery and the sharding, by
+    :func:`lightning_lora.surgery.training.sharded_loading.materialize_and_load_` (each rank only its rows).
+
+    Returns:
+        ``(model, tokenizer)``; the model's ``name_or_path`` and generation config are those of the directory.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from lightning_lora.surgery.training.sharded_loading import parameters_on_meta
+
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(name_or_path)
+    resolved = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(resolved)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.config._name_or_path = resolved  # as from_pretrained sets it: part of the base fingerprint
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(resolved)
+    except OSError:
+        pass  # no generation_config.json: keep the one derived from the config
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    log.info("built %s on the meta device (%s, %.1fM parameters)", resolved, torch_dtype, model.num_parameters() / 1e6)
+    return model, tokenizer

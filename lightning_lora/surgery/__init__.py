@@ -36,6 +36,7 @@ from lightning_lora.surgery.errors import (
     PTuningConfigError,
     QuantConfigError,
     QuantizationError,
+    ShardConfigError,
     SurgeryError,
     TargetMatchError,
     UnknownAdapterError,
@@ -90,7 +91,7 @@ __all__ = [
     "AdapterLoadError", "CheckpointFileError", "CheckpointMismatchError", "CombineError", "ConfigError", "FreezingConfigError",
     "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError", "MixedBatchError", "NonFiniteError",
     "OptimizerSetupError",
-    "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
+    "QuantConfigError", "QuantizationError", "ShardConfigError", "SurgeryError", "TargetMatchError", "UnknownAdapterError",
     "BottleneckConfigError", "PTuningConfigError", "PrefixTuningConfigError", "PromptTuningConfigError",
     # the other methods
     "BottleneckConfig", "PEFTPlan", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "add_peft_adapter",

@@ -12,6 +12,7 @@ its config class.
     │   ├── LoRAConfigError            LoRAConfig and block selections (``layers=``)
     │   ├── QuantConfigError           QuantConfig
     │   ├── FreezingConfigError        LayerFreezing
+    │   ├── ShardConfigError           ShardConfig (FSDP2 sharding) and block selection
     │   ├── KbitConfigError            prepare_for_kbit_training options
     │   ├── PromptTuningConfigError    PromptTuningConfig
     │   ├── PTuningConfigError         PTuningConfig
@@ -52,6 +53,10 @@ class QuantConfigError(ConfigError):
 
 class FreezingConfigError(ConfigError):
     """A :class:`~lightning_lora.callbacks.LayerFreezing` option is invalid."""
+
+
+class ShardConfigError(ConfigError):
+    """A :class:`~lightning_lora.surgery.training.sharding.ShardConfig` field is invalid, or names absent blocks."""
 
 
 class KbitConfigError(ConfigError):
@@ -126,6 +131,6 @@ __all__ = [
     "AdapterLoadError", "BottleneckConfigError", "CheckpointFileError", "CheckpointMismatchError", "CombineError",
     "ConfigError", "FreezingConfigError", "KbitConfigError", "LightningLoRAError", "LoRAConfigError", "MergeError",
     "MixedBatchError", "NonFiniteError", "OptimizerSetupError", "PTuningConfigError", "PrefixTuningConfigError",
-    "PromptTuningConfigError", "QuantConfigError", "QuantizationError", "SurgeryError", "TargetMatchError",
+    "PromptTuningConfigError", "QuantConfigError", "QuantizationError", "ShardConfigError", "SurgeryError", "TargetMatchError",
     "UnknownAdapterError",
 ]

@@ -41,7 +41,8 @@ def test_model_is_loaded_in_configure_model_once(tiny_dir: Path) -> None:
     module.configure_model()
     assert module.model is first and module.model.training
     assert module.tokenizer.pad_token_id is not None
-    assert dict(module.hparams) == {"model": str(tiny_dir), "dtype": "auto", "max_new_tokens": 16, "exact_match": True}
+    assert dict(module.hparams) == {"model": str(tiny_dir), "dtype": "auto", "max_new_tokens": 16, "exact_match": True,
+                                   "meta_init": False}
 
 
 def test_fit_and_validate_log_loss_perplexity_and_exact_match(tiny_dir: Path) -> None:

@@ -68,7 +68,7 @@ def _peft_key(path: str, name: str) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, tensors: dict[str, Tensor] | None = None) -> Path:
     """Write adapter ``name`` to directory ``path`` in PEFT's format, atomically.
 
     Args:
@@ -77,6 +77,8 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
         name: Which adapter. Default: ``"default"``.
         base_model_name_or_path: Recorded in the config for PEFT / vLLM. Default: the model's own
             ``config.name_or_path`` when it is a transformers model.
+        tensors: The adapter's tensors under PEFT keys, already gathered (a sharded model: see
+            ``surgery/training/sharded_export.py``). Default: None (``adapter_state_dict(model, name)``).
 
     Returns:
         The directory written.
@@ -86,7 +88,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAP
     if not isinstance(config, LoRAConfig):  # prompt / P- / prefix tuning (PEFT's format), bottleneck (ours)
         return method_files.save_method_adapter(root, path, name, config, task_type=task_type_of(root),
                                                 base_model=base_model_name_or_path or base_model_name(root))
-    tensors = adapter_state_dict(root, name)
+    tensors = adapter_state_dict(root, name) if tensors is None else tensors
     wrapped = [p for p, layer in lora_layers(root) if name in layer.specs]
     targets, layers = target_modules_for(root, wrapped, config.modules_to_save)
     conv1d = any(layer.codec.name == "Conv1D" for _, layer in lora_layers(root))

@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_lora.surgery.training.freeze import adapter_parameter_ids
 from lightning_lora.surgery.io.peft_format import base_model_name
+from lightning_lora.surgery.training.sharding import class_name, take_flat
 
 SAMPLE = 16  # values read per tensor: enough to tell two trainings or seeds apart, cheap on a 70B model
 
@@ -41,7 +42,7 @@ def model_identity(model: nn.Module, *, sample: int = SAMPLE) -> dict[str, Any]:
         values.update(_sample(tensor, sample))
     return {
         "name": base_model_name(model),
-        "class": type(model).__name__,
+        "class": class_name(model),  # the same sharded or not
         "tensors": tensors,
         "params": params,
         "shapes_sha256": shapes.hexdigest(),
@@ -58,11 +59,12 @@ def _base_tensors(model: nn.Module, adapters: set[int]) -> list[tuple[str, torch
 def _sample(tensor: torch.Tensor, k: int) -> bytes:
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return b"-"
-    flat = tensor.detach().reshape(-1)
-    n, k = flat.numel(), min(k, flat.numel())
+    n = tensor.numel()
+    k = min(k, n)
     # Integer spacing: a float32 linspace rounds indices past the end for tensors of ~2^24+ elements.
-    index = torch.tensor([i * (n - 1) // max(k - 1, 1) for i in range(k)], dtype=torch.long, device=flat.device)
-    return flat[index].to("cpu", torch.float64).numpy().tobytes()
+    index = torch.tensor([i * (n - 1) // max(k - 1, 1) for i in range(k)], dtype=torch.long)
+    # A sharded (DTensor) parameter: the same logical values on any number of processes, without gathering it.
+    return take_flat(tensor, index).numpy().tobytes()
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
