@@ -7,7 +7,6 @@ from typing import Any
 from benchmarks.settings import VARIANT_LABELS
 from benchmarks.stats import paired_ratios, summary
 
-
 MIN_CLEAN_ROUNDS = 3
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from benchmarks import analysis, goals, report
 from benchmarks.imports import measure_imports
-from benchmarks.pool import REPO_ROOT, WorkerError, worker_env, prepare_model, run_group
-from benchmarks.worker import PROTOCOL_PREFIX
+from benchmarks.pool import REPO_ROOT, WorkerError, prepare_model, run_group, worker_env
 from benchmarks.settings import MODES, Mode
+from benchmarks.worker import PROTOCOL_PREFIX
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "lightning", "lightning-lora"]

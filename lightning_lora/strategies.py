@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
 _PATH = Union[str, "os.PathLike[str]"]  # what Lightning accepts as a checkpoint path
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy

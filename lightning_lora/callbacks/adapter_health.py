@@ -29,7 +29,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lora.callbacks._checked_io import install_checked_io
-from lightning_lora.surgery.errors import NonFiniteError
 from lightning_lora.surgery.diagnostics.health import (
     AdapterUnit,
     adapter_units,
@@ -40,6 +39,7 @@ from lightning_lora.surgery.diagnostics.health import (
     relative_update_sizes,
     units_without_grad,
 )
+from lightning_lora.surgery.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,14 @@ from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import FREEZING, forget, target_module, when_model_ready
 from lightning_lora.surgery.errors import FreezingConfigError
-from lightning_lora.surgery.training.freeze import add_param_group, block_spec_problems, has_lora, selected_parameters, train_only, unfreeze
+from lightning_lora.surgery.training.freeze import (
+    add_param_group,
+    block_spec_problems,
+    has_lora,
+    selected_parameters,
+    train_only,
+    unfreeze,
+)
 
 Interval = Literal["epoch", "step"]
 

@@ -10,11 +10,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora.callbacks._model_ready import target_module
-from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.errors import SurgeryError
 from lightning_lora.surgery.io.export import ExportReport, export_merged
-from lightning_lora.surgery.lora.merge import MergeBase
+from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root
+from lightning_lora.surgery.lora.merge import MergeBase
 from lightning_lora.surgery.training.sharded_export import check_sharded_export, export_merged_sharded
 from lightning_lora.surgery.training.sharding import is_sharded
 

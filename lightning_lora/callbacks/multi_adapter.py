@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lora.surgery.multi.mixed import BASE
 from lightning_lora.surgery.lora.active import check_adapter_names, disable_adapters, list_adapters, use_adapters
+from lightning_lora.surgery.multi.mixed import BASE
 
 LossFn = Callable[[pl.LightningModule, Any], "Tensor | tuple[Tensor, Tensor | int]"]
 

@@ -44,9 +44,9 @@ from lightning_lora.surgery.training.adapter_checkpoint import (
 )
 from lightning_lora.surgery.training.checkpoint_file import read_checkpoint
 from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
+from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainable_not_in_optimizers
 from lightning_lora.surgery.training.sharded_loading import has_meta_parameters
 from lightning_lora.surgery.training.sharding import ShardConfig, check_can_shard
-from lightning_lora.surgery.training.freeze import frozen_in_optimizers, trainable_not_in_optimizers
 
 _STATE_VERSION = 1
 

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lora.data.jsonl import Conversation, read_instruction_file
-from lightning_lora.data.rendering import render_completion, render_prompt
 from lightning_lora.data.packing import collate_packed, pad_fraction
+from lightning_lora.data.rendering import render_completion, render_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

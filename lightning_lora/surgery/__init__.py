@@ -16,6 +16,8 @@ Sub-packages, in dependency order (each imports only those above it, plus :mod:`
 This package and :mod:`lightning_lora` export the same public names.
 """
 
+import lightning_lora.surgery.quant  # noqa: F401  (registers the 4-bit codec and merge path with the core)
+from lightning_lora.surgery.diagnostics.doctor import DoctorReport, diagnose_adapter
 from lightning_lora.surgery.errors import (
     AdapterLoadError,
     BottleneckConfigError,
@@ -41,6 +43,15 @@ from lightning_lora.surgery.errors import (
     TargetMatchError,
     UnknownAdapterError,
 )
+from lightning_lora.surgery.io.adapter_dirs import find_adapters, load_adapters, save_adapters
+from lightning_lora.surgery.io.adapter_files import (
+    adapter_state_dict,
+    check_adapter_fits,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from lightning_lora.surgery.io.export import ExportReport, export_merged
 from lightning_lora.surgery.lora.active import (
     delete_adapter,
     disable_adapters,
@@ -63,28 +74,17 @@ from lightning_lora.surgery.lora.inventory import adapter_configs, adapter_param
 from lightning_lora.surgery.lora.layer import AdapterSpec, LoRALayer
 from lightning_lora.surgery.lora.merge import MergeBase, merge_lora, unmerge_lora
 from lightning_lora.surgery.lora.report import LoRAPlan, PlannedLayer, SurgeryReport, count_parameters
-import lightning_lora.surgery.quant  # noqa: F401  (registers the 4-bit codec and merge path with the core)
-from lightning_lora.surgery.quant.config import QuantConfig
-from lightning_lora.surgery.quant.kbit import KbitReport, prepare_for_kbit_training
-from lightning_lora.surgery.quant.merge_bases import MergeComparison, compare_merge_bases
-from lightning_lora.surgery.quant.quantize import QuantReport, plan_quantization, quantize_model
-from lightning_lora.surgery.io.adapter_dirs import find_adapters, load_adapters, save_adapters
-from lightning_lora.surgery.io.adapter_files import (
-    adapter_state_dict,
-    check_adapter_fits,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-)
-from lightning_lora.surgery.io.export import ExportReport, export_merged
 from lightning_lora.surgery.methods.apply import PEFTPlan, add_peft_adapter, apply_peft, plan_peft
 from lightning_lora.surgery.methods.bottleneck import BottleneckConfig
 from lightning_lora.surgery.methods.p_tuning import PTuningConfig
 from lightning_lora.surgery.methods.prefix_tuning import PrefixTuningConfig
 from lightning_lora.surgery.methods.prompt_tuning import PromptTuningConfig
-from lightning_lora.surgery.diagnostics.doctor import DoctorReport, diagnose_adapter
 from lightning_lora.surgery.multi.combine import combine_adapters
 from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache, mixed_batch
+from lightning_lora.surgery.quant.config import QuantConfig
+from lightning_lora.surgery.quant.kbit import KbitReport, prepare_for_kbit_training
+from lightning_lora.surgery.quant.merge_bases import MergeComparison, compare_merge_bases
+from lightning_lora.surgery.quant.quantize import QuantReport, plan_quantization, quantize_model
 
 __all__ = [
     # errors

@@ -18,8 +18,8 @@ from torch import nn
 from lightning_lora import LoRAConfig, apply_lora
 from lightning_lora.callbacks import AdapterHealth, AdapterHealthError, LoRAFinetuning
 from lightning_lora.surgery import lora_layers
-from lightning_lora.surgery.errors import NonFiniteError
 from lightning_lora.surgery.diagnostics.health import adapter_units, relative_update_sizes
+from lightning_lora.surgery.errors import NonFiniteError
 from tests.callbacks.models import TinyModule, trainer
 
 LORA = LoRAConfig(r=4, alpha=8)

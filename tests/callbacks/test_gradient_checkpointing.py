@@ -10,7 +10,10 @@ import torch
 
 from lightning_lora import LoRAConfig, TargetMatchError
 from lightning_lora.callbacks import GradientCheckpointing, LoRAFinetuning
-from lightning_lora.surgery.training.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
+from lightning_lora.surgery.training.activation_checkpointing import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+)
 from tests.callbacks.models import TinyLlamaModule, TinyModule, TinyNet, adapter_tensors, trainer
 
 CFG = LoRAConfig(r=4, targets=["q_proj", "v_proj"])

@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from lightning_lora import LoRAConfig, SurgeryError, apply_lora
-from lightning_lora.surgery.errors import CheckpointMismatchError
-from lightning_lora.surgery.training.adapter_checkpoint import adapter_only_state_dict, install_load_guard
-from lightning_lora.surgery.errors import LoRAConfigError, TargetMatchError
+from lightning_lora.surgery.errors import CheckpointMismatchError, LoRAConfigError, TargetMatchError
 from lightning_lora.surgery.io.export import export_merged
-from lightning_lora.surgery.training.freeze import add_param_group, select_blocks, train_only
+from lightning_lora.surgery.training.adapter_checkpoint import adapter_only_state_dict, install_load_guard
 from lightning_lora.surgery.training.fingerprint import identity_differences, model_identity
+from lightning_lora.surgery.training.freeze import add_param_group, select_blocks, train_only
 from tests.callbacks.models import TinyNet
 
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from lightning_lora.surgery import (
-    UnknownAdapterError,
     LoRAConfig,
     LoRALayer,
     SurgeryError,
+    UnknownAdapterError,
     apply_lora,
     lora_layers,
     merge_lora,

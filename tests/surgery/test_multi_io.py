@@ -20,8 +20,8 @@ from lightning_lora import (
     save_adapters,
     use_adapters,
 )
-from lightning_lora.surgery.io.adapter_files import adapter_state_dict
 from lightning_lora.surgery.io.adapter_dirs import find_adapters
+from lightning_lora.surgery.io.adapter_files import adapter_state_dict
 from lightning_lora.surgery.lora.inventory import lora_layers
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_gpt2, tiny_llama
 

@@ -24,9 +24,9 @@ from lightning_lora.surgery import (
     unmerge_lora,
 )
 from tests.factories import (
-    forward,
     FAMILIES,
     assert_same_state,
+    forward,
     input_ids,
     logits,
     lora_structure,

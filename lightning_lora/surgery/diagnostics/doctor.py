@@ -25,11 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_lora.surgery.io.adapter_files import load_adapter, read_adapter
-from lightning_lora.surgery.errors import AdapterLoadError
 from lightning_lora.surgery.diagnostics.health import adapter_units, describe, relative_update_sizes
-from lightning_lora.surgery.lora.active import delete_adapter, disable_adapters, use_adapters
 from lightning_lora.surgery.diagnostics.vllm_compat import VLLM_VERSION, vllm_findings
+from lightning_lora.surgery.errors import AdapterLoadError
+from lightning_lora.surgery.io.adapter_files import load_adapter, read_adapter
+from lightning_lora.surgery.lora.active import delete_adapter, disable_adapters, use_adapters
 
 DOCTOR_ADAPTER = "doctor"
 DEFAULT_PROBES = (

@@ -29,13 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lora.surgery.io.atomic import atomic_dir
-from lightning_lora.surgery.io.adapter_files import save_adapter
-from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
-from lightning_lora.surgery.lora.merge import merge_lora
 from lightning_lora.surgery.errors import SurgeryError
-from lightning_lora.surgery.lora.merge import MergeBase
+from lightning_lora.surgery.io.adapter_files import save_adapter
+from lightning_lora.surgery.io.atomic import atomic_dir
+from lightning_lora.surgery.lora.apply import DEFAULT_ADAPTER
 from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root
+from lightning_lora.surgery.lora.merge import MergeBase, merge_lora
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lightning_lora.surgery.errors import LoRAConfigError, TargetMatchError
 from lightning_lora.surgery.lora.codecs import codec_for, supported_names
 from lightning_lora.surgery.lora.config import LoRAConfig, parse_layer_slice
-from lightning_lora.surgery.errors import LoRAConfigError, TargetMatchError
 
 PRESETS = ("all-linear", "attention", "mlp")
 

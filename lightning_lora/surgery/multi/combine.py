@@ -37,12 +37,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.surgery.errors import CombineError, SurgeryError
+from lightning_lora.surgery.lora.active import check_adapter_names, list_adapters, require_lora_adapters
 from lightning_lora.surgery.lora.apply import add_adapter
 from lightning_lora.surgery.lora.config import LoRAConfig
-from lightning_lora.surgery.errors import CombineError, SurgeryError
-from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.active import check_adapter_names, list_adapters, require_lora_adapters
 from lightning_lora.surgery.lora.inventory import adapter_configs, find_lora_root, lora_layers
+from lightning_lora.surgery.lora.layer import LoRALayer
 from lightning_lora.surgery.lora.report import SurgeryReport, count_parameters
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from lightning_lora.surgery.lora.config import ConfigDict
 from lightning_lora.surgery.errors import ConfigError, QuantConfigError
+from lightning_lora.surgery.lora.config import ConfigDict
 
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from lightning_lora.surgery._deps import require
-from lightning_lora.surgery.quant.bnb4bit import is_linear4bit, keep_portable_layout_, state_tensors, tensor_bytes
 from lightning_lora.surgery.errors import QuantizationError, SurgeryError
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.quant.config import QuantConfig
 from lightning_lora.surgery.lora.targets import candidate_modules, union_matches
+from lightning_lora.surgery.quant.bnb4bit import is_linear4bit, keep_portable_layout_, state_tensors, tensor_bytes
+from lightning_lora.surgery.quant.config import QuantConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.surgery.training.freeze import adapter_parameter_ids
 from lightning_lora.surgery.io.peft_format import base_model_name
+from lightning_lora.surgery.training.freeze import adapter_parameter_ids
 from lightning_lora.surgery.training.sharding import class_name, take_flat
 
 SAMPLE = 16  # values read per tensor: enough to tell two trainings or seeds apart, cheap on a 70B model

@@ -22,10 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.surgery.lora.config import parse_layer_slice
 from lightning_lora.surgery.errors import LoRAConfigError
+from lightning_lora.surgery.lora.config import parse_layer_slice
 from lightning_lora.surgery.lora.inventory import adapter_modules, adapter_parameters
-from lightning_lora.surgery.lora.targets import block_index, candidate_modules, matches_name, num_blocks, resolve_layers, unmatched_error
+from lightning_lora.surgery.lora.targets import (
+    block_index,
+    candidate_modules,
+    matches_name,
+    num_blocks,
+    resolve_layers,
+    unmatched_error,
+)
 
 BlockSpec = list[int] | str | None
 
