@@ -57,7 +57,8 @@ def training_rows(records: list[dict[str, Any]], threads: int) -> list[dict[str,
         peft = _find(records, model, variant, "peft") if impl == "ours" else None
         same_group = full is not None and full["group"] == rec["group"]
         row = {
-            "model": model, "group": rec["group"], "rounds": rounds_note(rec), "variant": variant, "label": VARIANT_LABELS[variant], "impl": impl,
+            "model": model, "group": rec["group"], "rounds": rounds_note(rec), "variant": variant,
+            "label": VARIANT_LABELS[variant], "impl": impl,
             "step_s": summary(steps), "step_cpu_s": summary(_times(rec, "step", "cpu_times")),
             "cpu_share": summary([c / (w * threads) for c, w in zip(_times(rec, "step", "cpu_times"), steps)]),
             "peak_rss_mib": rec.get("peak_rss_mib"), "ready_rss_mib": rec.get("ready_rss_mib"),

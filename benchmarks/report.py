@@ -65,8 +65,9 @@ def training_section(rows: list[dict[str, Any]], models: dict[str, Any]) -> list
                 _num(r["first_loss"], 4), r["rounds"], f"error: {r['error'].splitlines()[0]}" if r["error"] else "",
             ])
         lines += _table(["config", "impl", "step s median [min-max]", "vs full FT", "vs floor",
-                         "ours/PEFT step (paired)", "ours/PEFT CPU time", "CPU share", "peak RSS MiB", "RSS growth in training MiB",
-                         "ours/PEFT peak RSS", "trainable", "first loss", "clean rounds", "note"], table)
+                         "ours/PEFT step (paired)", "ours/PEFT CPU time", "CPU share", "peak RSS MiB",
+                         "RSS growth in training MiB", "ours/PEFT peak RSS", "trainable", "first loss", "clean rounds",
+                         "note"], table)
     lines += ["", "CPU share: the worker's CPU time / (wall time x threads), median; near 1 means it had its cores to "
               "itself, well below 1 means other processes took them. A round is clean when every step in it had a "
               "share >= 0.85; statistics use the clean rounds when there are at least 3 (else all rounds)."]

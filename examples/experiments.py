@@ -45,7 +45,8 @@ def table(records: list[dict], steps: int) -> str:
         f"{platform.processor() or platform.machine()}, 2 CPU cores, {date.today().isoformat()}. "
         "Reproduce: `.venv/bin/python examples/experiments.py`.",
         "",
-        "| config | trainable params | % of total | peak RSS (MiB) | train time (s) | s/step | accuracy before | accuracy after |",
+        "| config | trainable params | % of total | peak RSS (MiB) | train time (s) | s/step "
+        "| accuracy before | accuracy after |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:

@@ -22,8 +22,6 @@ from typing import Any, Literal, Union
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-
-_PATH = Union[str, "os.PathLike[str]"]  # what Lightning accepts as a checkpoint path
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
@@ -36,6 +34,7 @@ from lightning_lora.surgery.training.sharded_checkpoint import (
     optimizer_full_state,
 )
 
+_PATH = Union[str, "os.PathLike[str]"]  # what Lightning accepts as a checkpoint path
 log = logging.getLogger(__name__)
 
 

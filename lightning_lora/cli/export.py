@@ -35,7 +35,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action="config", help="A YAML file with these keys.")
     parser.add_argument("--model", type=str, default="smollm2-135m-instruct",
                         help="The base model: alias, local save_pretrained directory, or hub name.")
-    parser.add_argument("--adapter", type=str, required=True, help="Adapter directory (PEFT format), e.g. out/demo/export/adapter.")
+    parser.add_argument("--adapter", type=str, required=True,
+                        help="Adapter directory (PEFT format), e.g. out/demo/export/adapter.")
     parser.add_argument("--out", type=str, required=True, help="Output directory (replaced whole if it exists).")
     parser.add_argument("--dtype", type=str, default="auto", help="Weight dtype of the base: auto, float32, bfloat16.")
     parser.add_argument("--quantize", type=Optional[QuantConfig], default=None,
@@ -59,7 +60,8 @@ def export_main(argv: Sequence[str]) -> ExportReport:
 
         quantize_model(model, args.quantize)
     load_adapter(model, args.adapter)
-    kwargs = {"merge_base": args.merge_base} if args.merge_base and args.quantize is not None and args.merge_base != "original" else {}
+    use_merge_base = args.merge_base and args.quantize is not None and args.merge_base != "original"
+    kwargs = {"merge_base": args.merge_base} if use_merge_base else {}
     report = export_merged(model, args.out, tokenizer=tokenizer, **kwargs)
     sys.stdout.write(f"{report}\n")
     return report

@@ -20,8 +20,8 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
-# (logger name, message prefixes): Lightning's advertising tips and its note that our model summary replaces its own, bitsandbytes' optional-kernel notice (the CPU
-# fallback it then uses is the one we measure with).
+# (logger name, message prefixes): Lightning's advertising tips and its note that our model summary replaces its own,
+# bitsandbytes' optional-kernel notice (the CPU fallback it then uses is the one we measure with).
 _LOG_FILTERS = (
     ("lightning.pytorch.utilities.rank_zero", ("💡 Tip: For seamless cloud",
                                                "Trainer already configured with model summary callbacks")),

@@ -60,7 +60,9 @@ def test_generic_blocks_are_recomputed_in_backward(tmp_path: Path, lora_first: b
 
 def test_reentrant_checkpointing_still_gives_adapters_gradients(tmp_path: Path) -> None:
     reference = _fit(tmp_path, TinyModule(), [LoRAFinetuning(CFG, module="model")])
-    got = _fit(tmp_path, TinyModule(), [LoRAFinetuning(CFG, module="model"), GradientCheckpointing(use_reentrant=True, module="model")])
+    got = _fit(
+        tmp_path, TinyModule(), [LoRAFinetuning(CFG, module="model"), GradientCheckpointing(use_reentrant=True, module="model")]
+    )
     # The frozen embedding's output does not require grad; without switching input grads on, reentrant checkpointing
     # would give the adapters inside the blocks no gradient at all.
     assert all(torch.equal(got[n], reference[n]) for n in reference)

@@ -53,7 +53,9 @@ def test_load_guard_forgives_frozen_keys_and_refuses_missing_adapters() -> None:
     net.load_state_dict(small)  # strict, yet the frozen base may be missing
     del small["layers.0.q_proj.lora_A.default"]
     small["layers.9.q_proj.lora_A.default"] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)1 key\(s\) missing.*1 key\(s\) in the checkpoint but not in the model"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"(?s)1 key\(s\) missing.*1 key\(s\) in the checkpoint but not in the model"
+    ):
         net.load_state_dict(small, strict=False)
     # nested in a parent module: keys carry a prefix
     parent = nn.Module()

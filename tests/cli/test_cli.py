@@ -156,7 +156,8 @@ def test_predict_subcommand_returns_answers(tiny_model: str, tmp_path: Path, mon
     from lightning_lora.cli.lightning_cli import LoRACLI
 
     monkeypatch.chdir(tmp_path)
-    args = [a for a in _fit_args(REPO / "examples/lora_attention.yaml", tiny_model) if a not in ("--trainer.fast_dev_run", "true")]
+    fit_args = _fit_args(REPO / "examples/lora_attention.yaml", tiny_model)
+    args = [a for a in fit_args if a not in ("--trainer.fast_dev_run", "true")]
     args[0] = "predict"
     cli = LoRACLI(args=[*args, "--trainer.limit_predict_batches", "1"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]

@@ -22,7 +22,9 @@ from tests.tiny_lm import build_tiny_tokenizer, save_tiny_causal_lm
 
 DATES = Path(__file__).resolve().parents[2] / "examples" / "data" / "dates"
 CONV = to_conversation({"prompt": "Convert: 3 Mar 2021", "response": "2021-03-03"})
-LONG_CONV = to_conversation({"system": "Be exact.", "prompt": "Convert this one please: March 3, 2021", "response": "2021-03-03"})  # fmt: skip
+LONG_CONV = to_conversation(
+    {"system": "Be exact.", "prompt": "Convert this one please: March 3, 2021", "response": "2021-03-03"}
+)
 
 
 @pytest.fixture(scope="module")

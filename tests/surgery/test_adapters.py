@@ -61,7 +61,8 @@ def test_shape_mismatch_lists_the_keys_and_changes_nothing(saved: Path) -> None:
     key = f"{PREFIX}.1.self_attn.v_proj.lora_A.weight"
     rewrite_weights(saved, lambda t: t.update({key: torch.zeros(4, 48)}))
     model = tiny_llama()
-    with unchanged(model), pytest.raises(AdapterLoadError, match=rf"1 key\(s\) shape mismatch:\n    {key}: file \(4, 48\) vs model \(4, 32\)"):
+    match = rf"1 key\(s\) shape mismatch:\n    {key}: file \(4, 48\) vs model \(4, 32\)"
+    with unchanged(model), pytest.raises(AdapterLoadError, match=match):
         load_adapter(model, saved)
     assert not lora_layers(model) and not adapter_configs(model)
 
@@ -81,7 +82,8 @@ def test_missing_and_unexpected_keys_are_listed(saved: Path) -> None:
 
 def test_adapter_for_a_deeper_model_lists_the_extra_blocks(saved: Path) -> None:
     model = tiny_llama(num_layers=2)
-    with unchanged(model), pytest.raises(AdapterLoadError, match=rf"8 key\(s\) not in the model:\n    {PREFIX}\.2\.self_attn\.q_proj"):
+    match = rf"8 key\(s\) not in the model:\n    {PREFIX}\.2\.self_attn\.q_proj"
+    with unchanged(model), pytest.raises(AdapterLoadError, match=match):
         load_adapter(model, saved)
 
 
@@ -146,7 +148,8 @@ def test_second_adapter_under_another_name(saved: Path) -> None:
 def test_unknown_adapter_name(call: str, tmp_path: Path) -> None:
     model = tiny_llama()
     apply_lora(model, QV)
-    with unchanged(model), pytest.raises(SurgeryError, match=r"No adapter named 'nope' on this model \(adapters: \['default'\]\)"):
+    match = r"No adapter named 'nope' on this model \(adapters: \['default'\]\)"
+    with unchanged(model), pytest.raises(SurgeryError, match=match):
         if call == "save_adapter":
             save_adapter(model, tmp_path / "x", name="nope")
         else:

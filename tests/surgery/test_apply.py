@@ -37,7 +37,8 @@ def test_report_counts_and_trainable_parameters() -> None:
 @pytest.mark.parametrize("name", ["", "a.b", "copy", "keys", "to", "training", 3])
 def test_unusable_adapter_names_are_refused_before_any_change(name: object) -> None:
     model = tiny_llama()
-    with unchanged(model), pytest.raises(SurgeryError, match=r"Adapter name .* cannot be used: give a non-empty name without '\.'"):
+    match = r"Adapter name .* cannot be used: give a non-empty name without '\.'"
+    with unchanged(model), pytest.raises(SurgeryError, match=match):
         apply_lora(model, QV, name=name)  # type: ignore[arg-type]
     assert not lora_layers(model)
 
@@ -48,7 +49,8 @@ def test_unknown_adapter_name_in_merge_is_refused_and_changes_nothing() -> None:
     apply_lora(model, QV)
     perturb_lora_B(model)
     for unload in (True, False):
-        with unchanged(model), pytest.raises(UnknownAdapterError, match=r"merge_lora: no adapter named 'nope' on this model; its adapters are \['default'\]"):
+        match = r"merge_lora: no adapter named 'nope' on this model; its adapters are \['default'\]"
+        with unchanged(model), pytest.raises(UnknownAdapterError, match=match):
             merge_lora(model, adapters=["default", "nope"], unload=unload)
 
 

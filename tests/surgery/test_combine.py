@@ -54,8 +54,9 @@ def test_cat_is_the_exact_weighted_sum(model):
     report = combine_adapters(model, ["a", "b"], WEIGHTS, name="ab", method="cat")
     assert report.adapter == "ab" and list_adapters(model) == ["a", "b", "c", "ab"]
     layers = dict(lora_layers(model))
-    assert {p for p, layer in layers.items() if "ab" in layer.specs} == {p for p, layer in layers.items() if {"a", "b"} & set(layer.specs)}
-    for path, layer in layers.items():
+    with_ab = {p for p, layer in layers.items() if "ab" in layer.specs}
+    assert with_ab == {p for p, layer in layers.items() if {"a", "b"} & set(layer.specs)}
+    for _path, layer in layers.items():
         if "ab" in layer.specs:
             assert layer.specs["ab"].scale == 1.0
             assert layer.specs["ab"].r == sum(layer.specs[n].r for n in ("a", "b") if n in layer.specs)
@@ -78,7 +79,7 @@ def test_cat_output_equals_both_adapters_active(model):
 @pytest.mark.parametrize("rank", [12, 3])
 def test_svd_is_the_best_rank_k_approximation(model, rank):
     combine_adapters(model, ["a", "b"], WEIGHTS, name="svd", method="svd", rank=rank)
-    for path, layer in lora_layers(model):
+    for _path, layer in lora_layers(model):
         if "svd" not in layer.specs:
             continue
         assert layer.specs["svd"].r == rank and layer.specs["svd"].scale == 1.0
@@ -144,7 +145,8 @@ def test_saves_in_peft_format_and_round_trips(model, tmp_path):
 
 
 def test_linear_refuses_different_ranks_or_targets(model):
-    with pytest.raises(CombineError, match=r"(?s)same rank in the same layers.*q_proj: ranks differ \(a: r=4, b: r=8\).*method='cat'"):
+    match = r"(?s)same rank in the same layers.*q_proj: ranks differ \(a: r=4, b: r=8\).*method='cat'"
+    with pytest.raises(CombineError, match=match):
         combine_adapters(model, ["a", "b"], name="x", method="linear")
     apply_lora(model, LoRAConfig(r=4, targets=["q_proj"]), name="q_only")
     with pytest.raises(CombineError, match=r"(?s)v_proj: adapted by \['a'\] but not by \['q_only'\]"):

@@ -36,5 +36,7 @@ def test_other_methods_are_adapter_units_and_every_check_covers_them() -> None:
     apply_peft(model, PromptTuningConfig(num_virtual_tokens=4), name="p")
     units = adapter_units(model)
     assert [(u.method, u.adapter, sorted(u.tensors)) for u in units] == [("prompt tuning", "p", ["encoders.p.embedding.weight"])]
-    assert pre_training_problems(units, []) == [f"{units[0].label}: encoders.p.embedding.weight in no optimizer param group (never updated)"]
+    assert pre_training_problems(units, []) == [
+        f"{units[0].label}: encoders.p.embedding.weight in no optimizer param group (never updated)"
+    ]
     assert relative_update_sizes(units) == {}  # no dense update for this method: skipped, not an error

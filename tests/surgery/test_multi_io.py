@@ -150,7 +150,9 @@ def test_peft_loads_our_multi_adapter_dir(model, tmp_path):
 
 def test_we_load_peft_multi_adapter_save(tmp_path):
     peft = pytest.importorskip("peft")
-    theirs = peft.get_peft_model(tiny_llama(num_layers=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    theirs = peft.get_peft_model(
+        tiny_llama(num_layers=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     theirs.add_adapter("legal", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["down_proj"]))
     perturb_lora_B(theirs, std=0.3)
     theirs.save_pretrained(str(tmp_path / "peft"))

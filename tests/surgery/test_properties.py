@@ -36,7 +36,10 @@ from tests.factories import (
 )
 
 # A module per family trained fully through `modules_to_save` (an untied one: GPT-2's and OPT's heads are tied).
-MODULES_TO_SAVE = {"llama": "lm_head", "gpt2": "ln_f", "bert": "classifier", "opt": "final_layer_norm", "phi": "lm_head", "t5": "final_layer_norm"}
+MODULES_TO_SAVE = {
+    "llama": "lm_head", "gpt2": "ln_f", "bert": "classifier",
+    "opt": "final_layer_norm", "phi": "lm_head", "t5": "final_layer_norm",
+}
 ALL_LINEAR = LoRAConfig(r=4, alpha=8, targets="all-linear")
 
 

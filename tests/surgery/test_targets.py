@@ -52,7 +52,9 @@ def in_blocks(family: str, leaves: list[str], blocks: range) -> set[str]:
 # ------------------------------------------------------------------------------------------------ selection
 def test_names_match_the_path_or_its_last_components() -> None:
     model = tiny_llama()
-    assert names(model, targets=["q_proj", "v_proj"]) == [f"model.layers.{i}.self_attn.{n}" for i in range(4) for n in ("q_proj", "v_proj")]
+    assert names(model, targets=["q_proj", "v_proj"]) == [
+        f"model.layers.{i}.self_attn.{n}" for i in range(4) for n in ("q_proj", "v_proj")
+    ]
     assert names(model, targets=["self_attn.q_proj"]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
     assert names(model, targets=["model.layers.2.mlp.up_proj"]) == ["model.layers.2.mlp.up_proj"]
     assert names(model, targets="q_proj") == names(model, targets=["q_proj"])  # a string is one pattern
@@ -241,8 +243,10 @@ def test_unmatched_patterns_list_the_closest_names_each() -> None:
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(exclude=["o_prj"]), TargetMatchError, r"exclude pattern 'o_prj' matched no module \(closest module names: o_proj"),
-    (dict(modules_to_save=["lm_hed"]), TargetMatchError, r"modules_to_save pattern 'lm_hed' matched no module \(closest module names: lm_head"),
-    (dict(layers=[0, 4, -5]), LoRAConfigError, r"indices \[4, -5\] are out of range; the model has 4 blocks, valid indices are -4\.\.3"),
+    (dict(modules_to_save=["lm_hed"]), TargetMatchError,
+     r"modules_to_save pattern 'lm_hed' matched no module \(closest module names: lm_head"),
+    (dict(layers=[0, 4, -5]), LoRAConfigError,
+     r"indices \[4, -5\] are out of range; the model has 4 blocks, valid indices are -4\.\.3"),
     (dict(layers="7:"), LoRAConfigError, r"layers='7:' selects no block of the model's 4 blocks \(0\.\.3\)"),
     (dict(exclude=["q_proj"]), TargetMatchError, r"left no layer to adapt(.|\n)*q_proj: excluded"),
     (dict(targets=["embed_tokens"]), TargetMatchError, r"embed_tokens: Embedding is not a supported layer type \(.*Linear"),

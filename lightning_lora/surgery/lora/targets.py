@@ -60,7 +60,10 @@ def resolve_layers(layers: list[int] | str | None, n_blocks: int) -> set[int] | 
         return selected
     bad = [i for i in layers if not -n_blocks <= i < n_blocks]
     if bad:
-        raise LoRAConfigError(f"layers={layers!r}: indices {bad} are out of range; the model has {n_blocks} blocks, valid indices are {-n_blocks}..{n_blocks - 1}.")
+        raise LoRAConfigError(
+            f"layers={layers!r}: indices {bad} are out of range; the model has {n_blocks} blocks, "
+            f"valid indices are {-n_blocks}..{n_blocks - 1}."
+        )
     return {i % n_blocks for i in layers}
 
 

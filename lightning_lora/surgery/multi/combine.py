@@ -140,7 +140,7 @@ def _check_svd_rank(layers: list[tuple[str, LoRALayer]], rank: int) -> None:
                  if rank > min(layer.in_features, layer.out_features)]
     if too_small:
         raise CombineError(f"combine_adapters: rank={rank} exceeds min(in, out) of {len(too_small)} layer(s), e.g. "
-                           f"{too_small[0]}; choose rank <= {min(min(l.in_features, l.out_features) for _, l in layers)}.")
+                           f"{too_small[0]}; choose rank <= {min(min(lin.in_features, lin.out_features) for _, lin in layers)}.")
 
 
 # --------------------------------------------------------------------------------------------------- the math

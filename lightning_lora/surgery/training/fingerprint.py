@@ -77,7 +77,8 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     if saved.get("shapes_sha256") != current.get("shapes_sha256"):
         problems.append(
             f"architecture (tensor names, shapes, dtypes): checkpoint {saved.get('tensors')} tensors / "
-            f"{saved.get('params', 0):,} values, this model {current.get('tensors')} tensors / {current.get('params', 0):,} values"
+            f"{saved.get('params', 0):,} values, "
+            f"this model {current.get('tensors')} tensors / {current.get('params', 0):,} values"
         )
     elif saved.get("values_sha256") != current.get("values_sha256"):
         problems.append("weights: same architecture, but the base weights differ (another checkpoint, seed or fine-tune)")

@@ -60,7 +60,8 @@ def block_spec_problems(blocks: BlockSpec, what: str = "blocks") -> list[str]:
         if step == 0:
             return [f"{what}={blocks!r}: use a slice string like '-2:' (the last two blocks) or '0:4', or a list of ints."]
         return []
-    if not isinstance(blocks, (list, tuple)) or not blocks or not all(isinstance(i, int) and not isinstance(i, bool) for i in blocks):
+    int_list = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in blocks)
+    if not int_list or not blocks:
         return [f"{what}={blocks!r}: give a non-empty list of block indices like [10, 11] or a slice string like '-2:'."]
     return []
 
