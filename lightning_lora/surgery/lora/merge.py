@@ -78,14 +78,36 @@ def merge_lora(model: nn.Module, *, adapters: list[str] | None = None, unload: b
     if merge_base != "dequantized" or original is not None:
         raise MergeError(f"merge_base={merge_base!r} / original=... only apply to quantized bases, and no quantization "
                          f"backend is registered (import lightning_lora.surgery.quant).")
-    if safe:
-        for path, layer in layers:
-            layer.check_merge(_to_merge(layer, adapters), path)
-    for _, layer in layers:
-        layer.merge(_to_merge(layer, adapters), keep_original=not unload)
+    _merge_dense(layers, adapters, unload=unload, safe=safe)
     if unload:
         unwrap_layers(model, layers)
     return model
+
+
+def _merge_dense(layers: list[tuple[str, LoRALayer]], adapters: list[str] | None, *, unload: bool, safe: bool) -> None:
+    """Check every layer, then merge each once, in place (issue 15: as fast as PEFT's unchecked merge).
+
+    The check reads each weight once and proves the result finite in the layer's dtype from a bound; only layers where
+    the bound fails are computed before any change, and their checked result is what gets written. So every check
+    runs before the first write, and nothing changes when one fails. Should a write itself fail, the layers merged
+    before it are put back from their kept originals (kept when ``unload`` is False; with ``unload`` nothing is
+    copied, as in PEFT, and the check above is what protects the model).
+    """
+    todo = [(path, layer, _to_merge(layer, adapters)) for path, layer in layers]
+    checked = {path: layer.check_merge(names, path) for path, layer, names in todo} if safe else {}
+    scratch: dict[object, Tensor] = {}  # fp32 buffers shared by the layers of this merge
+    done: list[LoRALayer] = []
+    try:
+        for path, layer, names in todo:
+            fresh = not layer.merged_adapters
+            layer.merge(names, keep_original=not unload, merged=checked.pop(path, None), scratch=scratch)
+            if fresh:
+                done.append(layer)
+    except BaseException:
+        if not unload:
+            for layer in done:
+                layer.unmerge()
+        raise
 
 
 def _to_merge(layer: LoRALayer, adapters: list[str] | None) -> list[str]:

@@ -65,8 +65,9 @@ def merge_onto_base_(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str
         for name in names:
             weight = weight + layer.delta_weight(name).to(weight.device)  # fp32, cast once below
         merged[path] = weight.to(base.dtype)
-        if safe and not torch.isfinite(weight).all():
-            raise MergeError(f"{path}: merging adapters {names} gives non-finite weights (inf or NaN); nothing was merged.")
+        if safe and not torch.isfinite(merged[path]).all():  # in the dtype written: fp16 overflows where fp32 does not
+            raise MergeError(f"{path}: merging adapters {names} gives non-finite weights (inf or NaN) in {base.dtype}; "
+                             f"nothing was merged. Check the adapter for inf/NaN, or merge onto a wider dtype.")
     if safe:
         for path, layer, names in todo:
             if path not in merged:
