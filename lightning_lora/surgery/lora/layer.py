@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_lora.surgery._compat import global_forward_hooks
 from lightning_lora.surgery.lora.codecs import Codec, codec_for
 from lightning_lora.surgery.lora.merge_math import Update, finite_by_bound, merge_into_, merged_copy
+from lightning_lora.surgery.lora.tied import untie_
 from lightning_lora.surgery.errors import MergeError, SurgeryError
 
 
@@ -58,6 +59,7 @@ class LoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._unmerged_weight: object | None = None  # the codec's snapshot of the unmerged weight
+        self._tied_weight: nn.Parameter | None = None  # the shared weight a merge untied from (see surgery/lora/tied.py)
         # Values derived from the adapters (e.g. mixed_batch's stacked factors), dropped whenever adapters change.
         self.derived: dict[str, object] = {}
 
@@ -231,11 +233,21 @@ class LoRALayer(nn.Module):
             codec.set_weight(self.base_layer, merged_copy(codec.get_weight(self.base_layer), self._updates(todo)))
         self.merged_adapters.extend(todo)
 
+    def untie(self, *, keep: bool) -> None:
+        """Give the base layer its own copy of a weight it shares with another module (a tied ``lm_head``), in place,
+        so that a merge does not write into the other module. With ``keep``, :meth:`unmerge` re-ties it."""
+        shared = untie_(self.base_layer)
+        if keep:
+            self._tied_weight = shared
+
     def unmerge(self) -> None:
         """Take every merged adapter's update out of the base weight again (exactly, when the original was kept)."""
         if not self.merged_adapters:
             return
-        if self._unmerged_weight is not None:
+        if self._tied_weight is not None:  # merged into an untied copy: share the original weight again
+            self.base_layer.weight = self._tied_weight
+            self._tied_weight = None
+        elif self._unmerged_weight is not None:
             self.codec.put_back(self.base_layer, self._unmerged_weight)
         else:
             weight = self.codec.get_weight(self.base_layer).float()
