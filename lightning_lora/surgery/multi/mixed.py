@@ -5,11 +5,14 @@ Multi-LoRA servers (Punica, S-LoRA, vLLM, LoRAX) keep one base model and pick th
 for the whole batch and adds to row ``i`` the update of adapter ``names[i]``, without merging and without a loop
 over requests or adapters:
 
-* each layer keeps its adapters stacked once, ``At (N+1, in, r_max)`` and ``Bt (N+1, r_max, out)`` with the scale
-  folded into ``Bt``, smaller ranks zero-padded and a zero slot for the bare base (padding and the zero slot add
-  exact zeros); the stack is rebuilt only when an adapter changes (added, deleted, or its weights written);
-* per call, the rows' slots are gathered once (``index_select``) and reused by every forward of the block
-  (``generate``'s decoding steps);
+* each layer keeps its adapters in one stacked buffer per factor, ``A (N+1, r_max, in)`` and ``B (N+1, out, r_max)``,
+  smaller ranks zero-padded and a zero slot for the bare base (padding and the zero slot add exact zeros), and the
+  adapters' parameters *are views into it*: every write to an adapter, through autograd, an optimizer, ``.data`` or
+  ``load_state_dict``, lands in the stack, so it is never stale and never re-stacked per call. It is rebuilt only
+  when an adapter is added or deleted, a parameter gets new storage (``.data = ...``, ``.to(...)``) or a scale
+  changes;
+* per call, the rows' slots are gathered once and reused by every forward of the block (``generate``'s decoding
+  steps);
 * the update is two batched matmuls, ``baddbmm(result, bmm(x, At[rows]), Bt[rows])``: the same FLOPs as a single
   adapter, whatever the number of adapters, where a per-adapter loop (PEFT's ``adapter_names``) pays a gather,
   two small matmuls and a scatter per adapter and layer;
@@ -86,12 +89,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: in
 
 
 def clear_mixed_batch_cache(model: nn.Module) -> int:
-    """Free the stacked adapter copies that :func:`mixed_batch` keeps on each layer between calls.
+    """Free the stacked adapter buffers that :func:`mixed_batch` keeps on each layer between calls (the adapters
+    live in them while they are kept; this gives each adapter its own storage again).
 
     Returns:
         How many layers held one.
     """
-    return sum(layer.derived.pop(_STACK_ATTR, None) is not None for _, layer in lora_layers(model))
+    return sum(_release(layer) for _, layer in lora_layers(model))
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -156,9 +160,10 @@ class _Router:
             return result
         if isinstance(plan, str):
             return layer.add_update(result, x, plan)
-        at, bt = plan  # (n, in, r), (n, r, out)
+        at, bt, scale = plan  # (n, in, r), (n, r, out), (n, 1, 1)
         x3 = x.reshape(rows, -1, layer.in_features).to(at.dtype)  # (n, T, in)
         xa = torch.bmm(x3, at)  # (n, T, in) @ (n, in, r) -> (n, T, r)
+        xa = xa * scale if xa.requires_grad else xa.mul_(scale)  # each row's alpha / r
         out_shape = result.shape
         result3 = result.reshape(rows, -1, layer.out_features)  # (n, T, out)
         if result3.dtype != bt.dtype:
@@ -176,11 +181,15 @@ class _Router:
             return None
         if len(present) == len(names) and len(set(present)) == 1:
             return present[0]  # every row the same adapter: the ordinary single-adapter path
-        slots, at, bt = _stack(layer)
+        slots, at, bt, scales = _stack(layer)
         index = [slots.get(n, len(slots)) for n in names]
         # torch.stack of views, not index_select: on CPU with 2+ threads index_select of these small stacks costs
-        # ~8 ms a call (thread start-up), stack ~0.05 ms; one gather per layer and block either way.
-        return torch.stack([at[i] for i in index]), torch.stack([bt[i] for i in index])  # (n, in, r), (n, r, out)
+        # ~8 ms a call (thread start-up), stack ~0.05 ms; one gather per layer and block either way. The gathered
+        # copies are transposed for plain batched matmuls; the scale is applied to x A^T (n, T, r), the smallest term.
+        at_rows = torch.stack([at[i].t() for i in index])  # (n, in, r)
+        bt_rows = torch.stack([bt[i].t() for i in index])  # (n, r, out)
+        scale = torch.tensor([scales[i] for i in index], dtype=at.dtype, device=at.device).view(-1, 1, 1)  # (n, 1, 1)
+        return at_rows, bt_rows, scale
 
     def _row_names(self, layer: LoRALayer, rows: int) -> list[str]:
         batch = len(self.names)
@@ -199,29 +208,62 @@ class _Router:
 _MISSING = object()
 
 
-def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor]:
-    """The layer's adapters stacked for batched matmuls (cached on the layer until an adapter changes).
+def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor, list[float]]:
+    """The layer's adapters stacked for batched matmuls, the adapters' parameters made views into the stack.
+
+    Cached on the layer (``layer.derived``) until an adapter is added or deleted (which clears it), a parameter's
+    storage is replaced, or a scale changes. In-place writes need no check: they write into the stack.
 
     Returns:
-        Slot of each adapter name; ``At (N+1, in, r_max)``; ``Bt (N+1, r_max, out)`` with the scale folded in.
-        Slot ``N`` is all zeros (rows of the bare base, or of adapters this layer does not have).
+        Slot of each adapter name; ``A (N+1, r_max, in)``; ``B (N+1, out, r_max)``; the scale of each slot.
+        Slot ``N`` is all zeros, scale 0 (rows of the bare base, or of adapters this layer does not have).
     """
     names = list(layer.specs)
-    key = tuple((n, layer.lora_A[n].data_ptr(), layer.lora_A[n]._version, layer.lora_B[n].data_ptr(),
-                 layer.lora_B[n]._version, layer.specs[n].scale) for n in names)
     cached = layer.derived.get(_STACK_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2], cached[3]
+    if cached is not None and cached[0] == _stack_key(layer, names):
+        return cached[1], cached[2], cached[3], cached[4]
     first = layer.lora_A[names[0]]
     r_max = max(layer.specs[n].r for n in names)
     # Built outside inference mode, so that a later call with autograd on can still use it.
     with torch.inference_mode(False), torch.no_grad():
-        at = torch.zeros(len(names) + 1, layer.in_features, r_max, dtype=first.dtype, device=first.device)
-        bt = torch.zeros(len(names) + 1, r_max, layer.out_features, dtype=first.dtype, device=first.device)
+        at = torch.zeros(len(names) + 1, r_max, layer.in_features, dtype=first.dtype, device=first.device)
+        bt = torch.zeros(len(names) + 1, layer.out_features, r_max, dtype=first.dtype, device=first.device)
         for slot, name in enumerate(names):
             r = layer.specs[name].r
-            at[slot, :, :r] = layer.lora_A[name].detach().t()  # (in, r)
-            bt[slot, :r, :] = layer.lora_B[name].detach().t() * layer.specs[name].scale  # (r, out)
+            _adopt(layer.lora_A[name], at[slot, :r, :])  # (r, in)
+            _adopt(layer.lora_B[name], bt[slot, :, :r])  # (out, r)
     slots = {n: i for i, n in enumerate(names)}
-    layer.derived[_STACK_ATTR] = (key, slots, at, bt)
-    return slots, at, bt
+    scales = [layer.specs[n].scale for n in names] + [0.0]
+    layer.derived[_STACK_ATTR] = (_stack_key(layer, names), slots, at, bt, scales)
+    return slots, at, bt, scales
+
+
+def _adopt(param: Tensor, view: Tensor) -> None:
+    """Copy ``param`` into ``view`` (a slot of the stack) and make the view its storage, when dtype and device match."""
+    view.copy_(param.detach())
+    if param.dtype == view.dtype and param.device == view.device:
+        param.data = view
+
+
+def _stack_key(layer: LoRALayer, names: list[str]) -> tuple[object, ...]:
+    # Parameters that are views into the stack keep their data_ptr until their storage is replaced. One that could
+    # not be adopted (another dtype or device than the first adapter) is a copy: its version counter is the best
+    # available signal there (it misses writes through `.data`, as the stack did for every adapter before).
+    def state(param: Tensor) -> tuple[object, ...]:
+        return (param.data_ptr(), param.dtype, param._version if param.dtype != layer.lora_A[names[0]].dtype else 0)
+
+    return tuple((n, state(layer.lora_A[n]), state(layer.lora_B[n]), layer.specs[n].scale) for n in names)
+
+
+def _release(layer: LoRALayer) -> bool:
+    """Drop the layer's stack and give every adapter parameter its own storage again (the stack is freed)."""
+    cached = layer.derived.pop(_STACK_ATTR, None)
+    if cached is None:
+        return False
+    with torch.no_grad():
+        for factors in (layer.lora_A, layer.lora_B):
+            for param in factors.values():
+                if param.untyped_storage().data_ptr() in (cached[2].untyped_storage().data_ptr(),
+                                                         cached[3].untyped_storage().data_ptr()):
+                    param.data = param.data.clone()
+    return True
