@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -135,7 +137,7 @@ def _read_json_object(config_file: Path) -> dict[str, Any]:
 def _read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file), device="cpu")
-    except Exception as err:  # safetensors raises its own SafetensorError (and OSError / ValueError) for bad files
+    except (SafetensorError, OSError, ValueError) as err:
         size = file.stat().st_size
         raise AdapterLoadError(f"{str(file)!r} ({size} bytes) is not a readable safetensors file ({err}); it is empty, "
                                f"truncated or another format. Save the adapter again (save_adapter or PEFT's "
@@ -145,7 +147,7 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
 def _read_legacy(file: Path) -> dict[str, Tensor]:
     try:
         tensors = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated zip archives, or objects weights_only refuses
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as err:  # bad / truncated / unsafe
         raise AdapterLoadError(f"{str(file)!r} cannot be read as a weights-only PyTorch file ({err}); save the adapter "
                                f"again as {WEIGHTS_NAME}.") from err
     if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):

@@ -63,5 +63,5 @@ def _text_config(config: object) -> object | None:
     get = getattr(config, "get_text_config", None)
     try:
         return get() if callable(get) else None
-    except Exception:  # some configs raise when they hold several sub-configs; the top-level flag is set anyway
+    except (ValueError, TypeError, AttributeError):  # configs with several sub-configs may refuse; the top-level flag is set anyway
         return None

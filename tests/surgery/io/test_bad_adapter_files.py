@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_lora.surgery import AdapterLoadError, LoRAConfig, apply_lora, load_adapter, read_adapter, save_adapter
+from lightning_lora.surgery import (
+    AdapterLoadError,
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
 from tests.factories import perturb_lora_B, tiny_llama, unchanged
 
 
@@ -40,7 +47,7 @@ def _poison(value: float) -> Callable[[Path], None]:
     def apply(directory: Path) -> None:
         file = directory / "adapter_model.safetensors"
         tensors = load_file(str(file))
-        key = sorted(tensors)[0]
+        key = min(tensors)
         tensors[key][0, 0] = value
         save_file(tensors, str(file))
     return apply
@@ -51,8 +58,8 @@ CASES = {
                      r"adapter_config\.json' is not valid JSON"),
     "json_list": (lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
                   r"adapter_config\.json' holds a JSON list, not an object"),
-    "r_not_int": (_edit_config(lambda c: {**c, "r": "abc"}), r"adapter_config\.json: invalid adapter config(.|\n)*'r': 'abc' "
-                                                             r"is not a positive integer"),
+    "r_not_int": (_edit_config(lambda c: {**c, "r": "abc"}), (r"adapter_config\.json: invalid adapter config(.|\n)*'r': 'abc' "
+                                                             r"is not a positive integer")),
     "r_negative": (_edit_config(lambda c: {**c, "r": -2}), r"adapter_config\.json: the adapter config is invalid(.|\n)*r=-2"),
     "alpha_string": (_edit_config(lambda c: {**c, "lora_alpha": "16"}), r"'lora_alpha': '16' is not a positive number"),
     "empty_weights": (lambda d: (d / "adapter_model.safetensors").write_bytes(b""),

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from lightning_lora.surgery import LoRAConfig, LoRAConfigError, SurgeryError, apply_lora, merge_lora
+from lightning_lora.surgery import (
+    LoRAConfig,
+    LoRAConfigError,
+    SurgeryError,
+    apply_lora,
+    merge_lora,
+)
 from tests.factories import perturb_lora_B, tiny_llama, unchanged
 
 

@@ -9,8 +9,23 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lora.surgery import LoRAConfig, MergeError, apply_lora, lora_layers, merge_lora, unmerge_lora
-from tests.factories import input_ids, logits, perturb_lora_B, state_snapshot, tiny_gpt2, tiny_llama, unchanged
+from lightning_lora.surgery import (
+    LoRAConfig,
+    MergeError,
+    apply_lora,
+    lora_layers,
+    merge_lora,
+    unmerge_lora,
+)
+from tests.factories import (
+    input_ids,
+    logits,
+    perturb_lora_B,
+    state_snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    unchanged,
+)
 
 QV = LoRAConfig(r=2, alpha=2, targets=["q_proj", "v_proj"])
 

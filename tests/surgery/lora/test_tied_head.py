@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lightning_lora.surgery import LoRAConfig, apply_lora, export_merged, merge_lora, plan_lora, unmerge_lora
+from lightning_lora.surgery import (
+    LoRAConfig,
+    apply_lora,
+    export_merged,
+    merge_lora,
+    plan_lora,
+    unmerge_lora,
+)
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_gpt2, tiny_llama
 
 CASES: dict[str, tuple[Callable[[], nn.Module], list[str], str]] = {

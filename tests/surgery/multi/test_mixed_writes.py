@@ -11,9 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lora import LoRAConfig, apply_lora, load_adapter, mixed_batch, save_adapter, use_adapters
-from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache
+from lightning_lora import (
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    mixed_batch,
+    save_adapter,
+    use_adapters,
+)
 from lightning_lora.surgery.lora.inventory import lora_layers
+from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_llama
 
 ROWS = ["a", "b", "base", "c"]
