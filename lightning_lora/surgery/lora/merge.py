@@ -102,13 +102,7 @@ def _merge_dense(model: nn.Module, layers: list[tuple[str, LoRALayer]], adapters
     """
     todo = [(path, layer, _to_merge(layer, adapters)) for path, layer in layers]
     checked = {path: layer.check_merge(names, path) for path, layer, names in todo} if safe else {}
-    sharers = weight_sharers(model)
-    tied = [(path, layer) for path, layer, names in todo if names and tied_with(layer, path, sharers)]
-    for path, layer in tied:
-        log.info("%s shares its weight with %s; merging into an untied copy.", path, tied_with(layer, path, sharers))
-        layer.untie(keep=not unload)
-    if tied and unload:
-        mark_untied_(model)
+    untie_shared_(model, todo, unload=unload)
     scratch: dict[object, Tensor] = {}  # fp32 buffers shared by the layers of this merge
     done: list[LoRALayer] = []
     try:
@@ -122,6 +116,18 @@ def _merge_dense(model: nn.Module, layers: list[tuple[str, LoRALayer]], adapters
             for layer in done:
                 layer.unmerge()
         raise
+
+
+def untie_shared_(model: nn.Module, todo: MergeTodo, *, unload: bool) -> None:
+    """Untie every layer in ``todo`` with adapters to merge whose weight another module shares, in place (see
+    :mod:`~lightning_lora.surgery.lora.tied`); with ``unload`` the model's config then says the head is not tied."""
+    sharers = weight_sharers(model)
+    tied = [(path, layer) for path, layer, names in todo if names and tied_with(layer, path, sharers)]
+    for path, layer in tied:
+        log.info("%s shares its weight with %s; merging into an untied copy.", path, tied_with(layer, path, sharers))
+        layer.untie(keep=not unload)
+    if tied and unload:
+        mark_untied_(model)
 
 
 def _to_merge(layer: LoRALayer, adapters: list[str] | None) -> list[str]:

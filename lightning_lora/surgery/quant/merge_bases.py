@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_lora.surgery.quant import bnb4bit
 from lightning_lora.surgery.errors import MergeError
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.merge import merge_lora
+from lightning_lora.surgery.lora.merge import merge_lora, untie_shared_
 from lightning_lora.surgery.lora.targets import candidate_modules
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def merge_onto_base_(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str
         for path, layer, names in todo:
             if path not in merged:
                 layer.check_merge(names, path)
+    untie_shared_(model, [t for t in todo if t[0] not in merged], unload=unload)  # a tied dense lm_head
     _apply(model, todo, quantized, merged, keep_original=not unload)
 
 

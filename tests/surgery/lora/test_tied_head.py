@@ -83,3 +83,19 @@ def test_export_reloads_with_from_pretrained_to_the_same_outputs(adapted: tuple[
     assert reloaded.lm_head.weight is not reloaded.get_input_embeddings().weight
     torch.testing.assert_close(logits(reloaded, ids), reference, rtol=1e-4, atol=1e-4)
     assert model.lm_head.base_layer.weight is model.get_input_embeddings().weight  # the model in memory: still tied
+
+
+def test_qlora_merge_leaves_the_tied_embedding_alone() -> None:
+    pytest.importorskip("bitsandbytes")
+    from lightning_lora.surgery import QuantConfig, quantize_model
+
+    model = tiny_llama(num_layers=2, tie=True)
+    quantize_model(model, QuantConfig())  # the head stays dense (and tied)
+    apply_lora(model, LoRAConfig(r=2, targets=["q_proj", "lm_head"]))
+    perturb_lora_B(model, std=0.2)
+    ids = input_ids()
+    reference = logits(model, ids)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    merged = merge_lora(model)  # the quantized-base merge path
+    assert torch.equal(merged.get_input_embeddings().weight, embedding)
+    torch.testing.assert_close(logits(merged, ids), reference, rtol=1e-4, atol=1e-4)
