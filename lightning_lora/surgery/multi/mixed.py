@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from lightning_lora.surgery.errors import MixedBatchError, SurgeryError, UnknownAdapterError
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.active import list_adapters
 from lightning_lora.surgery.lora.inventory import lora_layers
 
 BASE = "base"
@@ -76,8 +75,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: in
         SurgeryError: If the model is in training mode, has merged or disabled adapters, no LoRA layers, or is
             already inside ``mixed_batch``.
     """
-    names = _check_names(model, adapter_names, num_beams)
-    layers = _check_state(lora_layers(model))
+    layers = lora_layers(model)  # one walk of the model per block: a server enters a block per decoding step
+    names = _check_names(layers, adapter_names, num_beams)
+    _check_state(layers)
     router = _Router(names, num_beams, {id(layer): path for path, layer in layers})
     try:
         for _, layer in layers:
@@ -99,13 +99,13 @@ def clear_mixed_batch_cache(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- validation
-def _check_names(model: nn.Module, adapter_names: Sequence[str], num_beams: int) -> list[str]:
+def _check_names(layers: list[tuple[str, LoRALayer]], adapter_names: Sequence[str], num_beams: int) -> list[str]:
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
         raise MixedBatchError(f"mixed_batch: adapter_names={adapter_names!r}; give a non-empty list with one adapter "
                               f"name per batch row, e.g. ['legal', 'base', 'medical'].")
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise MixedBatchError(f"mixed_batch: num_beams={num_beams!r}; must be a positive integer (generate's num_beams).")
-    known = list_adapters(model)
+    known = list(dict.fromkeys(n for _, layer in layers for n in layer.specs))
     clash = [n for n in _BASE_NAMES if n in known]
     if clash:
         raise MixedBatchError(f"mixed_batch: the model has an adapter named {clash[0]!r}, which mixed_batch reserves for "
@@ -185,14 +185,15 @@ class _Router:
             return present[0]  # every row the same adapter: the ordinary single-adapter path
         slots, at, bt, scales = _stack(layer)
         index = [slots.get(n, len(slots)) for n in names]
-        # torch.stack of views, not index_select: on CPU with 2+ threads index_select of these small stacks costs
-        # ~8 ms a call (thread start-up), stack ~0.05 ms; one gather per layer and block either way. The slots are
-        # copied as stored (contiguous blocks): a transposing copy cost 4-5x more, more than the batched matmuls
-        # themselves (profiled 2026-12-06, 1 thread: 0.23-0.50 ms vs 0.06-0.10 ms per layer, hidden 512, 16 rows);
-        # the matmuls read them transposed for free. The scale goes on A x^T (n, r, T), the smallest term.
-        at_rows = torch.stack([at[i] for i in index])  # (n, r, in)
-        bt_rows = torch.stack([bt[i] for i in index])  # (n, out, r)
-        scale = torch.tensor([scales[i] for i in index], dtype=at.dtype, device=at.device).view(-1, 1, 1)  # (n, 1, 1)
+        # One gather per layer and block, of the slots as stored (contiguous blocks): a transposing copy (the earlier
+        # torch.stack of `.t()` views) cost 4-5x more, more than the batched matmuls themselves, and a Python loop of
+        # views adds ~1800 tensor ops a block on a 56-layer model (profiled 2026-12-06 on 1-2 threads: index_select
+        # 0.03-0.05 ms per layer, stack of views 0.08 ms, transposing stack 0.23-0.50 ms). The matmuls read the
+        # gathered blocks transposed for free; the scale goes on A x^T (n, r, T), the smallest term.
+        rows_index = torch.tensor(index, device=at.device)
+        at_rows = at.index_select(0, rows_index)  # (n, r, in)
+        bt_rows = bt.index_select(0, rows_index)  # (n, out, r)
+        scale = scales.index_select(0, rows_index).view(-1, 1, 1)  # (n, 1, 1)
         return at_rows, bt_rows, scale
 
     def _row_names(self, layer: LoRALayer, rows: int) -> list[str]:
@@ -212,7 +213,7 @@ class _Router:
 _MISSING = object()
 
 
-def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor, list[float]]:
+def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor, Tensor]:
     """The layer's adapters stacked for batched matmuls, the adapters' parameters made views into the stack.
 
     Cached on the layer (``layer.derived``) until an adapter is added or deleted (which clears it), a parameter's
@@ -224,7 +225,7 @@ def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor, list[float
     """
     names = list(layer.specs)
     cached = layer.derived.get(_STACK_ATTR)
-    if cached is not None and cached[0] == _stack_key(layer, names):
+    if cached is not None and _still_valid(layer, cached[0]):
         return cached[1], cached[2], cached[3], cached[4]
     first = layer.lora_A[names[0]]
     r_max = max(layer.specs[n].r for n in names)
@@ -236,9 +237,9 @@ def _stack(layer: LoRALayer) -> tuple[dict[str, int], Tensor, Tensor, list[float
             r = layer.specs[name].r
             _adopt(layer.lora_A[name], at[slot, :r, :])  # (r, in)
             _adopt(layer.lora_B[name], bt[slot, :, :r])  # (out, r)
+        scales = torch.tensor([layer.specs[n].scale for n in names] + [0.0], dtype=at.dtype, device=at.device)  # (N+1,)
     slots = {n: i for i, n in enumerate(names)}
-    scales = [layer.specs[n].scale for n in names] + [0.0]
-    layer.derived[_STACK_ATTR] = (_stack_key(layer, names), slots, at, bt, scales)
+    layer.derived[_STACK_ATTR] = (_stack_key(layer), slots, at, bt, scales)
     return slots, at, bt, scales
 
 
@@ -249,14 +250,31 @@ def _adopt(param: Tensor, view: Tensor) -> None:
         param.data = view
 
 
-def _stack_key(layer: LoRALayer, names: list[str]) -> tuple[object, ...]:
-    # Parameters that are views into the stack keep their data_ptr until their storage is replaced. One that could
-    # not be adopted (another dtype or device than the first adapter) is a copy: its version counter is the best
-    # available signal there (it misses writes through `.data`, as the stack did for every adapter before).
-    def state(param: Tensor) -> tuple[object, ...]:
-        return (param.data_ptr(), param.dtype, param._version if param.dtype != layer.lora_A[names[0]].dtype else 0)
+def _stack_key(layer: LoRALayer) -> tuple[object, ...]:
+    """What the stack was built from: the adapters' specs and parameters, and where each parameter's data lives."""
+    params = [layer.lora_A[n] for n in layer.specs] + [layer.lora_B[n] for n in layer.specs]
+    # A parameter that is a view into the stack keeps its data_ptr until its storage is replaced. One that could not be
+    # adopted (another dtype or device than the first adapter) is a copy: its version counter is the best signal
+    # available there (it misses writes through `.data`).
+    adopted = params[0].dtype
+    return (tuple(layer.specs.values()), tuple(layer.lora_A._parameters.values()),
+            tuple(layer.lora_B._parameters.values()),
+            tuple((p.data_ptr(), p._version if p.dtype != adopted else 0) for p in params))
 
-    return tuple((n, state(layer.lora_A[n]), state(layer.lora_B[n]), layer.specs[n].scale) for n in names)
+
+def _still_valid(layer: LoRALayer, key: tuple[object, ...]) -> bool:
+    """Cheap check of :func:`_stack_key` (run for every layer of every block): same spec and parameter objects, same
+    storage. Adding or deleting an adapter clears the stack anyway (``layer.derived``)."""
+    specs, a_params, b_params, data = key
+    if len(specs) != len(layer.specs) or any(s is not t for s, t in zip(specs, layer.specs.values())):
+        return False
+    if any(p is not q for p, q in zip(a_params, layer.lora_A._parameters.values())) or any(
+            p is not q for p, q in zip(b_params, layer.lora_B._parameters.values())):
+        return False
+    params = (*a_params, *b_params)
+    adopted = params[0].dtype
+    return all(p.data_ptr() == ptr and (p.dtype == adopted or p._version == version)
+               for p, (ptr, version) in zip(params, data))
 
 
 def _release(layer: LoRALayer) -> bool:
