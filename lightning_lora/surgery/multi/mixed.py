@@ -251,30 +251,28 @@ def _adopt(param: Tensor, view: Tensor) -> None:
 
 
 def _stack_key(layer: LoRALayer) -> tuple[object, ...]:
-    """What the stack was built from: the adapters' specs and parameters, and where each parameter's data lives."""
-    params = [layer.lora_A[n] for n in layer.specs] + [layer.lora_B[n] for n in layer.specs]
+    """What the stack was built from: the adapters' spec and parameter objects, and where each parameter's data
+    lives (as ids and pointers, so that :func:`_still_valid` compares plain tuples)."""
+    params = [*layer.lora_A._parameters.values(), *layer.lora_B._parameters.values()]
+    # The specs are compared as objects (identity first, then fields); the parameters by id, the key keeping them
+    # alive (key[3]) so that an id cannot be reused by a new parameter.
+    return (tuple(layer.specs.values()), tuple(map(id, params)), _data_state(params), tuple(params))
+
+
+def _data_state(params: list[Tensor]) -> tuple[object, ...]:
     # A parameter that is a view into the stack keeps its data_ptr until its storage is replaced. One that could not be
     # adopted (another dtype or device than the first adapter) is a copy: its version counter is the best signal
     # available there (it misses writes through `.data`).
     adopted = params[0].dtype
-    return (tuple(layer.specs.values()), tuple(layer.lora_A._parameters.values()),
-            tuple(layer.lora_B._parameters.values()),
-            tuple((p.data_ptr(), p._version if p.dtype != adopted else 0) for p in params))
+    return tuple((p.data_ptr(), 0 if p.dtype == adopted else p._version) for p in params)
 
 
 def _still_valid(layer: LoRALayer, key: tuple[object, ...]) -> bool:
-    """Cheap check of :func:`_stack_key` (run for every layer of every block): same spec and parameter objects, same
-    storage. Adding or deleting an adapter clears the stack anyway (``layer.derived``)."""
-    specs, a_params, b_params, data = key
-    if len(specs) != len(layer.specs) or any(s is not t for s, t in zip(specs, layer.specs.values())):
-        return False
-    if any(p is not q for p, q in zip(a_params, layer.lora_A._parameters.values())) or any(
-            p is not q for p, q in zip(b_params, layer.lora_B._parameters.values())):
-        return False
-    params = (*a_params, *b_params)
-    adopted = params[0].dtype
-    return all(p.data_ptr() == ptr and (p.dtype == adopted or p._version == version)
-               for p, (ptr, version) in zip(params, data))
+    """Whether the stack still holds the layer's adapters; run for every layer of every block, so it compares tuples
+    of ids and pointers only. Adding or deleting an adapter clears the stack anyway (``layer.derived``)."""
+    params = [*layer.lora_A._parameters.values(), *layer.lora_B._parameters.values()]
+    return (key[0] == tuple(layer.specs.values()) and key[1] == tuple(map(id, params))
+            and key[2] == _data_state(params))
 
 
 def _release(layer: LoRALayer) -> bool:
