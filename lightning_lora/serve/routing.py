@@ -3,7 +3,7 @@
 :func:`lightning_lora.mixed_batch` validates the model (three walks over its modules) and gathers every layer's
 row adapters afresh on each entry: right for one call, but a server enters it once per decode step, where that
 came to about a third of a SmolLM2-135M step with 8 rows (cProfile, 1 thread). The rows of a running batch only
-change when one joins or leaves, so this keeps mixed_batch's per-layer update (``_Router``: two batched matmuls
+change when one joins or leaves, so this keeps mixed_batch's per-layer update (``RowRouter``: two batched matmuls
 over the rows' stacked adapters, the plain single-adapter path when every row has the same one) installed for
 the duration of a step and reuses its gathered adapters until the rows change. The checks mixed_batch makes on
 each entry are made once per adapter change (:meth:`RowRouting.refresh`); row names are checked each step
@@ -19,9 +19,9 @@ from torch import nn
 
 from lightning_lora import SurgeryError, list_adapters
 from lightning_lora.surgery import lora_layers
-from lightning_lora.surgery.multi.mixed import (  # the per-layer update mixed_batch installs (private)
+from lightning_lora.surgery.multi.mixed import (  # the per-layer update mixed_batch installs
     BASE,
-    _Router,
+    RowRouter,
 )
 
 
@@ -42,7 +42,7 @@ class RowRouting:
         self.adapters = set(list_adapters(self.model))
         self._paths = {id(layer): path for path, layer in self.layers}
         self._names: list[str] | None = None
-        self._router: _Router | None = None
+        self._router: RowRouter | None = None
         merged = sorted({n for _, layer in self.layers for n in layer.merged_adapters})
         if merged or any(layer.disabled or layer.training for _, layer in self.layers):
             raise SurgeryError(f"serving needs every adapter unmerged, enabled and in eval mode (merged: {merged}); "
@@ -60,7 +60,7 @@ class RowRouting:
             raise SurgeryError(f"rows use adapters {unknown} that the model does not have (it has "
                                f"{sorted(self.adapters)}); refresh() after loading")
         if rows != self._names:
-            self._names, self._router = rows, _Router(rows, 1, self._paths)
+            self._names, self._router = rows, RowRouter(rows, 1, self._paths)
         for _, layer in self.layers:
             layer.row_update = self._router
         try:

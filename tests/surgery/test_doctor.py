@@ -93,7 +93,7 @@ def test_untrained_adapter_is_a_problem(setup: dict, base: tuple) -> None:
 def test_nan_adapter_names_the_tensor(setup: dict, base: tuple) -> None:
     report = diagnose_adapter(base[0], setup["root"] / "nan")
     assert not report.healthy
-    assert "hold inf or NaN" in report.problems[0] and "layers.1.self_attn.v_proj.lora_B" in report.problems[0]
+    assert "inf or NaN" in report.problems[0] and "layers.1.self_attn.v_proj.lora_B" in report.problems[0]
 
 
 def test_wrong_base_is_detected_from_shapes(setup: dict, base: tuple) -> None:

@@ -17,8 +17,8 @@ from lightning_lora import (
     unmerge_lora,
     use_adapters,
 )
-from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache
 from lightning_lora.surgery.lora.inventory import lora_layers
+from lightning_lora.surgery.multi.mixed import clear_mixed_batch_cache
 from tests.factories import input_ids, logits, perturb_lora_B, tiny_gpt2, tiny_llama
 
 ROWS = ["legal", "base", "medical", "code", "legal", "__base__"]
@@ -57,7 +57,7 @@ def test_forward_rows_match_each_row_alone(family):
     with torch.no_grad(), mixed_batch(model, ROWS):
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(ROWS):
-        alone = _alone(model, name, lambda: logits(model, ids[i : i + 1]))
+        alone = _alone(model, name, lambda i=i: logits(model, ids[i : i + 1]))
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     with disable_adapters(model):  # rows really differ: the adapters change the output
         base = logits(model, ids)
@@ -84,7 +84,7 @@ def test_greedy_generate_rows_match(model):
     assert mixed.shape == (len(ROWS), 11)
     for i, name in enumerate(ROWS):
         row_kwargs = {**kwargs, "attention_mask": kwargs["attention_mask"][i : i + 1]}
-        alone = _alone(model, name, lambda: model.generate(ids[i : i + 1], **row_kwargs))
+        alone = _alone(model, name, lambda i=i, row_kwargs=row_kwargs: model.generate(ids[i : i + 1], **row_kwargs))
         assert torch.equal(mixed[i], alone[0]), name
     assert len({tuple(row[5:].tolist()) for row in mixed}) > 1  # the adapters steer the continuations apart
 
@@ -96,7 +96,8 @@ def test_beam_search_with_num_beams(model):
     with torch.no_grad(), mixed_batch(model, rows, num_beams=2):
         mixed = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     for i, name in enumerate(rows):
-        alone = _alone(model, name, lambda: model.generate(ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **kwargs))
+        row = ids[i : i + 1]
+        alone = _alone(model, name, lambda row=row: model.generate(row, attention_mask=torch.ones_like(row), **kwargs))
         assert torch.equal(mixed[i], alone[0]), name
     with pytest.raises(MixedBatchError, match=r"got 6 rows, but 3 adapter names.*num_beams=k"):
         with torch.no_grad(), mixed_batch(model, rows):
@@ -105,7 +106,8 @@ def test_beam_search_with_num_beams(model):
 
 def test_matches_peft_adapter_names(model):
     peft = pytest.importorskip("peft")
-    theirs = peft.get_peft_model(tiny_llama(num_layers=2), peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+    peft_config = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(tiny_llama(num_layers=2), peft_config,
                                  adapter_name="legal")
     theirs.add_adapter("medical", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
     theirs.add_adapter("code", peft.LoraConfig(r=2, lora_alpha=32, target_modules="all-linear", use_rslora=True))
@@ -207,7 +209,7 @@ def test_delete_adapter_frees_the_stacked_copies(model):
     assert any("_mixed_batch_stack" in layer.derived for _, layer in lora_layers(model))
     delete_adapter(model, "medical")
     stacks = [layer.derived["_mixed_batch_stack"] for _, layer in lora_layers(model) if "_mixed_batch_stack" in layer.derived]
-    assert not any("medical" in slots for _, slots, _, _ in stacks)  # no stacked copy of the deleted adapter is kept
+    assert not any("medical" in stack[1] for stack in stacks)  # no stacked copy of the deleted adapter is kept
     with torch.no_grad(), mixed_batch(model, ["code", "legal"]):
         out = model(input_ids=input_ids(2, 3)).logits
     torch.testing.assert_close(out[:1], _alone(model, "code", lambda: logits(model, input_ids(2, 3)[:1])), rtol=1e-5, atol=1e-5)

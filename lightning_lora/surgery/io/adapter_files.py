@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -114,20 +117,65 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
 
     Raises:
         FileNotFoundError: If the directory or its config / weights file is missing.
-        AdapterLoadError: If the config is not a LoRA adapter this project can load.
+        AdapterLoadError: If the config is not valid JSON, not an object, has a field of the wrong type or value, or
+            is not a LoRA adapter this project can load; if the weights file is not a readable safetensors file; or
+            if a tensor holds inf or NaN (each message names the file, field or tensor).
     """
     directory = Path(path)
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {str(directory)!r}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    config = config_from_peft(json.loads(config_file.read_text()), str(config_file))
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {str(directory)!r}; an adapter directory holds {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME}.")
+    config = config_from_peft(_read_json_object(config_file), str(config_file))
     if (directory / WEIGHTS_NAME).is_file():
-        tensors = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+        tensors = _read_safetensors(directory / WEIGHTS_NAME)
     elif (directory / _LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(directory / _LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        tensors = _read_legacy(directory / _LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"No {WEIGHTS_NAME} in {str(directory)!r}.")
+    _check_finite(tensors, directory)
     return config, tensors
+
+
+def _read_json_object(config_file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{str(config_file)!r} is not valid JSON ({err}); it should hold PEFT's adapter config "
+                               f"object, e.g. {{\"peft_type\": \"LORA\", \"r\": 8, ...}}. Re-save the adapter.") from err
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{str(config_file)!r} holds a JSON {type(data).__name__}, not an object; it should hold "
+                               f"PEFT's adapter config object, e.g. {{\"peft_type\": \"LORA\", \"r\": 8, ...}}.")
+    return data
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        size = file.stat().st_size
+        raise AdapterLoadError(f"{str(file)!r} ({size} bytes) is not a readable safetensors file ({err}); it is empty, "
+                               f"truncated or another format. Save the adapter again (save_adapter or PEFT's "
+                               f"save_pretrained).") from err
+
+
+def _read_legacy(file: Path) -> dict[str, Tensor]:
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as err:  # bad / truncated / unsafe
+        raise AdapterLoadError(f"{str(file)!r} cannot be read as a weights-only PyTorch file ({err}); save the adapter "
+                               f"again as {WEIGHTS_NAME}.") from err
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise AdapterLoadError(f"{str(file)!r} does not hold a dict of tensors; save the adapter again as {WEIGHTS_NAME}.")
+    return tensors
+
+
+def _check_finite(tensors: dict[str, Tensor], directory: Path) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise AdapterLoadError(f"The adapter in {str(directory)!r} has tensors holding inf or NaN: {shown}. Loading it "
+                               f"would make every output NaN; use a checkpoint from before training diverged.")
 
 
 def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER, trainable: bool = False,
@@ -206,7 +254,8 @@ def _matching_config(root: nn.Module, config: LoRAConfig, tensors: dict[str, Ten
     modules = candidate_modules(root)
     kept = [t for t in config.targets if match_pattern(t, root, modules)]
     if not kept:
-        raise AdapterLoadError(f"{path}: none of target_modules={config.targets!r} exists in this model; is it the right base model?")
+        raise AdapterLoadError(f"{path}: none of target_modules={config.targets!r} exists in this model; is it the right "
+                               "base model?")
     data = config.to_dict()
     data["targets"] = kept
     # PEFT's sequence-classification models add both "classifier" and "score" to `modules_to_save` (duplicates
@@ -249,7 +298,8 @@ def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tens
             shown = "\n    ".join(items[:10]) + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
             problems.append(f"  {len(items)} key(s) {label}:\n    {shown}")
     if problems:
-        raise AdapterLoadError(f"The adapter in {str(path)!r} does not fit this model; nothing was changed.\n" + "\n".join(problems))
+        raise AdapterLoadError(f"The adapter in {str(path)!r} does not fit this model; nothing was changed.\n"
+                               + "\n".join(problems))
 
 
 def _check_other_tensors(root: nn.Module, tensors: dict[str, Tensor], path: str | Path) -> None:

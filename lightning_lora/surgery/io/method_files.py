@@ -118,7 +118,13 @@ def _sidecar(root: nn.Module, name: str, config: Any) -> tuple[dict[str, Tensor]
 def is_method_dir(path: str | Path) -> bool:
     """Whether ``path``'s ``adapter_config.json`` is of a non-LoRA method we handle."""
     file = Path(path) / CONFIG_NAME
-    return file.is_file() and json.loads(file.read_text()).get("peft_type") in METHOD_TYPES
+    if not file.is_file():
+        return False
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False  # not ours to judge: the LoRA reader names the file and what is wrong with it
+    return isinstance(data, dict) and data.get("peft_type") in METHOD_TYPES
 
 
 def read_method_adapter(path: str | Path) -> tuple[Any, dict[str, Tensor], dict[str, Tensor] | None]:

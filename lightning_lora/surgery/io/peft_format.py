@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_lora.surgery.errors import AdapterLoadError, ConfigError
 from lightning_lora.surgery.lora.config import LoRAConfig
-from lightning_lora.surgery.errors import AdapterLoadError
 from lightning_lora.surgery.lora.targets import block_index, candidate_modules
 
 PEFT_PREFIX = "base_model.model."
@@ -91,7 +91,9 @@ def config_from_peft(data: dict[str, Any], source: str) -> LoRAConfig:
         raise AdapterLoadError(f"{source}: peft_type={data.get('peft_type')!r}; only LoRA adapters ('LORA') can be loaded.")
     used = [label for key, label in _UNSUPPORTED.items() if data.get(key)]
     if used:
-        raise AdapterLoadError(f"{source}: uses {', '.join(used)}, which lightning-lora does not support; load it with PEFT instead.")
+        raise AdapterLoadError(f"{source}: uses {', '.join(used)}, which lightning-lora does not support; load it with "
+                               "PEFT instead.")
+    _check_field_types(data, source)
     targets = data.get("target_modules")
     if isinstance(targets, str):
         targets = [targets if targets.lower() == "all-linear" else f"re:{targets}"]
@@ -102,20 +104,55 @@ def config_from_peft(data: dict[str, Any], source: str) -> LoRAConfig:
     if isinstance(layers, int):
         layers = [layers]
     init = data.get("init_lora_weights", True)
-    return LoRAConfig(
-        r=int(data.get("r", 8)),
-        alpha=data.get("lora_alpha", 8),
-        dropout=float(data.get("lora_dropout", 0.0)),
-        targets=list(targets or []),
-        exclude=list(exclude) if exclude else None,
-        layers=list(layers) if layers else None,
-        use_rslora=bool(data.get("use_rslora", False)),
-        bias=data.get("bias", "none"),
-        modules_to_save=list(data.get("modules_to_save") or []),
-        init="gaussian" if init == "gaussian" else "kaiming",
-        rank_pattern=dict(data.get("rank_pattern") or {}),
-        alpha_pattern=dict(data.get("alpha_pattern") or {}),
-    )
+    try:
+        return LoRAConfig(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            dropout=float(data.get("lora_dropout", 0.0)),
+            targets=list(targets or []),
+            exclude=list(exclude) if exclude else None,
+            layers=list(layers) if layers else None,
+            use_rslora=bool(data.get("use_rslora", False)),
+            bias=data.get("bias", "none"),
+            modules_to_save=list(data.get("modules_to_save") or []),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            rank_pattern=dict(data.get("rank_pattern") or {}),
+            alpha_pattern=dict(data.get("alpha_pattern") or {}),
+        )
+    except ConfigError as err:
+        raise AdapterLoadError(f"{source}: the adapter config is invalid (field names as in LoRAConfig: r is PEFT's "
+                               f"'r', alpha its 'lora_alpha', dropout its 'lora_dropout'); fix the file:\n{err}") from err
+
+
+# PEFT field -> (accepted JSON types, what a valid value looks like). None is accepted for every optional field.
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "r": ((int,), "a positive integer, e.g. 8"),
+    "lora_alpha": ((int, float), "a positive number, e.g. 16"),
+    "lora_dropout": ((int, float), "a number in [0, 1), e.g. 0.05"),
+    "target_modules": ((list, str), 'a list of module names, e.g. ["q_proj", "v_proj"], or a regex string'),
+    "exclude_modules": ((list, str), "a list of module names or a regex string"),
+    "layers_to_transform": ((list, int), "a list of block indices, e.g. [0, 1]"),
+    "modules_to_save": ((list,), 'a list of module names, e.g. ["lm_head"]'),
+    "rank_pattern": ((dict,), 'an object of pattern -> rank, e.g. {"q_proj": 4}'),
+    "alpha_pattern": ((dict,), 'an object of pattern -> alpha, e.g. {"q_proj": 8}'),
+    "use_rslora": ((bool,), "true or false"),
+    "bias": ((str,), '"none", "all" or "lora_only"'),
+}
+
+
+def _check_field_types(data: dict[str, Any], source: str) -> None:
+    """Every field of the wrong JSON type, named with what is valid, in one error (before any conversion)."""
+    problems = []
+    for key, (types, valid) in _FIELD_TYPES.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            problems.append(f"'{key}': {value!r} is not {valid}")
+    if problems:
+        raise AdapterLoadError(f"{source}: invalid adapter config field(s); fix the file (or save the adapter again):\n  - "
+                               + "\n  - ".join(problems))
 
 
 def task_type_of(model: nn.Module) -> str | None:

@@ -40,6 +40,7 @@ from lightning_lora.surgery.lora.targets import (
     select,
     unmatched_error,
 )
+from lightning_lora.surgery.lora.tied import tied_with, weight_sharers
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def planned_layers(model: nn.Module, config: LoRAConfig) -> tuple[list[PlannedLa
     selected, skipped = select(model, config)
     _check_pattern_keys(config, selected)
     modules = candidate_modules(model)
+    sharers = weight_sharers(model)
     layers = []
     for path in selected:
         module = modules[path]
@@ -104,7 +106,8 @@ def planned_layers(model: nn.Module, config: LoRAConfig) -> tuple[list[PlannedLa
             codec = codec_for(module)
             kind, (fan_in, fan_out) = codec.name, codec.features(module)
         layers.append(PlannedLayer(path, kind, fan_in, fan_out, block_index(path), config.rank_for(path),
-                                   config.alpha_for(path), config.scale_for(path)))
+                                   config.alpha_for(path), config.scale_for(path),
+                                   tuple(tied_with(module, path, sharers))))
     return layers, skipped
 
 

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 
-
 @dataclass(frozen=True)
 class Codec:
     """Access to one layer type's dense weight.
@@ -30,6 +29,12 @@ class Codec:
         mergeable: Whether merging into this layer type is supported at all.
         quantized: Whether the stored weight is quantized (adapters then train in fp32, and merges choose a base:
             see :func:`~lightning_lora.merge_lora`'s ``merge_base``).
+        in_place: Whether ``get_weight`` returns a writable view of the stored weight, so a merge can add into it
+            without building a new tensor.
+        snapshot: What the layer stores for its weight, kept by ``merge(keep_original=True)`` for an exact undo.
+            Default (None): a copy of the dense weight. A quantized backend keeps its packed tensors instead, so a
+            layer merged into in place stays small.
+        restore: Puts a ``snapshot`` back, in place. Default (None): ``set_weight``.
     """
 
     name: str
@@ -39,6 +44,20 @@ class Codec:
     set_weight: Callable[[nn.Module, Tensor], None]
     mergeable: bool = True
     quantized: bool = False
+    in_place: bool = False
+    snapshot: Callable[[nn.Module], object] | None = None
+    restore: Callable[[nn.Module, object], None] | None = None
+
+    def take_snapshot(self, module: nn.Module) -> object:
+        """What :attr:`restore` needs to put ``module``'s weight back exactly."""
+        return self.snapshot(module) if self.snapshot is not None else self.get_weight(module).clone()
+
+    def put_back(self, module: nn.Module, snapshot: object) -> None:
+        """Restore a :meth:`take_snapshot`, in place."""
+        if self.restore is not None:
+            self.restore(module, snapshot)
+        else:
+            self.set_weight(module, snapshot)  # type: ignore[arg-type]  (a dense weight by default)
 
 
 def _copy_into(param: Tensor, value: Tensor) -> None:
@@ -63,6 +82,7 @@ LINEAR = Codec(
     features=lambda m: (m.in_features, m.out_features),
     get_weight=lambda m: m.weight.detach(),
     set_weight=lambda m, w: _copy_into(m.weight, w),
+    in_place=True,
 )
 
 CONV1D = Codec(
@@ -71,6 +91,7 @@ CONV1D = Codec(
     features=lambda m: (m.weight.shape[0], m.weight.shape[1]),
     get_weight=lambda m: m.weight.detach().T,
     set_weight=lambda m, w: _copy_into(m.weight, w.T),
+    in_place=True,
 )
 
 # Ordered: more specific types first. Quantized backends register themselves in front (surgery/quant/ adds

@@ -141,8 +141,9 @@ def _problems(cfg: LoRAConfig) -> list[str]:
     problems = []
     if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r < 1:
         problems.append(f"r={cfg.r!r}: the rank must be a positive integer (e.g. 8, 16, 64).")
-    if not isinstance(cfg.alpha, (int, float)) or isinstance(cfg.alpha, bool) or not cfg.alpha > 0:
-        problems.append(f"alpha={cfg.alpha!r}: must be a positive number (commonly 2 * r).")
+    if not _positive_finite(cfg.alpha):
+        problems.append(f"alpha={cfg.alpha!r}: must be a positive number, and finite (commonly 2 * r): inf or NaN makes "
+                        f"every output NaN.")
     if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout!r}: must be in [0, 1), e.g. 0.05.")
     if not cfg.targets or not all(isinstance(t, str) and t for t in cfg.targets):
@@ -180,9 +181,13 @@ def _pattern_value_problems(cfg: LoRAConfig) -> list[str]:
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             problems.append(f"rank_pattern[{key!r}]={r!r}: ranks must be positive integers.")
     for key, alpha in cfg.alpha_pattern.items():
-        if not isinstance(alpha, (int, float)) or not alpha > 0:
-            problems.append(f"alpha_pattern[{key!r}]={alpha!r}: alphas must be positive numbers.")
+        if not _positive_finite(alpha):
+            problems.append(f"alpha_pattern[{key!r}]={alpha!r}: alphas must be positive numbers, and finite.")
     return problems
+
+
+def _positive_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_lora.surgery._compat import global_forward_hooks
-from lightning_lora.surgery.lora.codecs import Codec, codec_for
 from lightning_lora.surgery.errors import MergeError, SurgeryError
+from lightning_lora.surgery.lora.codecs import Codec, codec_for
+from lightning_lora.surgery.lora.merge_math import Update, finite_by_bound, merge_into_, merged_copy
+from lightning_lora.surgery.lora.tied import untie_
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class LoRALayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self._unmerged_weight: Tensor | None = None
+        self._unmerged_weight: object | None = None  # the codec's snapshot of the unmerged weight
+        self._tied_weight: nn.Parameter | None = None  # the shared weight a merge untied from (see surgery/lora/tied.py)
         # Values derived from the adapters (e.g. mixed_batch's stacked factors), dropped whenever adapters change.
         self.derived: dict[str, object] = {}
 
@@ -185,35 +188,76 @@ class LoRALayer(nn.Module):
             weight = weight + self.delta_weight(name)
         return weight
 
-    def check_merge(self, names: list[str], where: str) -> None:
-        """Raise :class:`MergeError` if merging ``names`` would give non-finite weights."""
+    def _updates(self, names: list[str]) -> list[Update]:
+        return [(self.lora_B[n], self.lora_A[n], self.specs[n].scale) for n in names]  # (out, r), (r, in), s
+
+    def check_merge(self, names: list[str], where: str) -> Tensor | None:
+        """Raise :class:`MergeError` if merging ``names`` would give non-finite weights in the layer's dtype.
+
+        Finiteness is proved from a bound where it can be (one read of the weight, see
+        :mod:`~lightning_lora.surgery.lora.merge_math`); otherwise the merged weight is computed, cast to the
+        layer's dtype and checked element by element (an fp16 weight that overflows is refused).
+
+        Returns:
+            The merged weight when it had to be computed for a dense layer (pass it to :meth:`merge` so that it is
+            not computed twice), else None.
+        """
         if not self.codec.mergeable:
             raise MergeError(f"{where}: cannot merge into a {self.codec.name} layer.")
-        if not torch.isfinite(self.merged_weight(names)).all():
-            raise MergeError(f"{where}: merging adapters {names} gives non-finite weights (inf or NaN); nothing was merged.")
+        if not names:
+            return None
+        weight = self.codec.get_weight(self.base_layer)
+        updates = self._updates(names)
+        if finite_by_bound(weight, updates, weight.dtype):
+            return None
+        merged = merged_copy(weight, updates)
+        if not bool(torch.isfinite(merged).all()):
+            raise MergeError(f"{where}: merging adapters {names} gives non-finite weights (inf or NaN) in {weight.dtype}"
+                             f" (largest finite value {torch.finfo(weight.dtype).max:g}); nothing was merged. Check the "
+                             f"adapter for inf/NaN, or merge into a wider dtype (e.g. model.float()).")
+        return None if self.codec.quantized else merged
 
-    def merge(self, names: list[str] | None = None, *, keep_original: bool = True) -> None:
+    def merge(self, names: list[str] | None = None, *, keep_original: bool = True, merged: Tensor | None = None,
+              scratch: dict[object, Tensor] | None = None) -> None:
         """Add the adapters' updates into the base weight, in place. Merging a merged adapter does nothing.
 
         Args:
             names: Adapters to merge. Default: the active ones.
-            keep_original: Keep a copy of the unmerged base weight so that :meth:`unmerge` restores it bit for bit.
+            keep_original: Keep what the layer stores for its weight (a dense copy, or a quantized backend's packed
+                tensors) so that :meth:`unmerge` restores it bit for bit.
+            merged: The merged weight, already computed by :meth:`check_merge`; written as is.
+            scratch: fp32 buffers reused across layers by one merge (see ``merge_math.merge_into_``).
         """
         todo = [n for n in (names if names is not None else self.active_adapters) if n not in self.merged_adapters]
         if not todo:
             return
-        original = self.codec.get_weight(self.base_layer)
+        codec = self.codec
         if keep_original and self._unmerged_weight is None:
-            self._unmerged_weight = original.clone()
-        self.codec.set_weight(self.base_layer, self.merged_weight(todo).to(original.dtype))
+            self._unmerged_weight = codec.take_snapshot(self.base_layer)
+        if merged is not None:
+            codec.set_weight(self.base_layer, merged)
+        elif codec.in_place:
+            merge_into_(codec.get_weight(self.base_layer), self._updates(todo), scratch)
+        else:
+            codec.set_weight(self.base_layer, merged_copy(codec.get_weight(self.base_layer), self._updates(todo)))
         self.merged_adapters.extend(todo)
+
+    def untie(self, *, keep: bool) -> None:
+        """Give the base layer its own copy of a weight it shares with another module (a tied ``lm_head``), in place,
+        so that a merge does not write into the other module. With ``keep``, :meth:`unmerge` re-ties it."""
+        shared = untie_(self.base_layer)
+        if keep:
+            self._tied_weight = shared
 
     def unmerge(self) -> None:
         """Take every merged adapter's update out of the base weight again (exactly, when the original was kept)."""
         if not self.merged_adapters:
             return
-        if self._unmerged_weight is not None:
-            self.codec.set_weight(self.base_layer, self._unmerged_weight)
+        if self._tied_weight is not None:  # merged into an untied copy: share the original weight again
+            self.base_layer.weight = self._tied_weight
+            self._tied_weight = None
+        elif self._unmerged_weight is not None:
+            self.codec.put_back(self.base_layer, self._unmerged_weight)
         else:
             weight = self.codec.get_weight(self.base_layer).float()
             for name in self.merged_adapters:
@@ -224,4 +268,5 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={s.r}, scale={s.scale:g})" for n, s in self.specs.items())
-        return f"{self.codec.name} in={self.in_features} out={self.out_features} adapters=[{adapters}] merged={self.merged_adapters}"
+        return (f"{self.codec.name} in={self.in_features} out={self.out_features} adapters=[{adapters}] "
+                f"merged={self.merged_adapters}")

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 
-
 @dataclass(frozen=True)
 class PlannedLayer:
     """One layer that would get an adapter."""
@@ -22,6 +21,8 @@ class PlannedLayer:
     r: int
     alpha: float
     scale: float
+    tied_with: tuple[str, ...] = ()
+    """Parameters of other modules that share this layer's weight (a tied ``lm_head``: the input embedding)."""
 
     @property
     def params(self) -> int:
@@ -65,6 +66,10 @@ class LoRAPlan:
             reasons = Counter(reason for _, reason in self.skipped)
             summary = "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
             lines.append(f"{len(self.skipped)} matched modules skipped: {summary}")
+        for layer in self.layers:
+            if layer.tied_with:
+                lines.append(f"{layer.name}: weight tied with {', '.join(layer.tied_with)}; merging unties it (the merged "
+                             f"model keeps both, tie_word_embeddings=false)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -123,6 +123,24 @@ def _set_packed(module: nn.Module, data: Tensor, state: Any) -> None:
     module.quant_state = state
 
 
+def snapshot(module: nn.Module) -> object:
+    """What a ``Linear4bit`` stores for its weight, for an exact undo of a merge: its packed data and quant state (by
+    reference: :func:`requantize_` replaces them instead of writing into them), not a dense copy."""
+    if not is_quantized(module):
+        return module.weight.detach().clone()
+    return module.weight.data, module.weight.quant_state
+
+
+def restore_(module: nn.Module, snapshot: object) -> None:
+    """Put a :func:`snapshot` back, in place."""
+    if isinstance(snapshot, Tensor):
+        with torch.no_grad():
+            module.weight.data.copy_(snapshot)
+        return
+    module.__dict__.pop(_PREVIOUS_ATTR, None)
+    _set_packed(module, *snapshot)  # type: ignore[misc]
+
+
 def state_tensors(module: nn.Module, *, tables: bool = False) -> list[Tensor]:
     """The tensors a 4-bit layer keeps for its weight.
 
@@ -148,7 +166,8 @@ def tensor_bytes(tensors: list[Tensor], seen: set[tuple[int, int]] | None = None
     seen = set() if seen is None else seen
     total = 0
     for tensor in tensors:
-        key = (tensor.untyped_storage().data_ptr(), tensor.device.index or 0) if tensor.device.type != "meta" else (id(tensor), -1)
+        meta = tensor.device.type == "meta"
+        key = (id(tensor), -1) if meta else (tensor.untyped_storage().data_ptr(), tensor.device.index or 0)
         if key in seen:
             continue
         seen.add(key)
@@ -189,5 +208,7 @@ LINEAR4BIT = Codec(
     get_weight=dequantize,
     set_weight=requantize_,
     quantized=True,
+    snapshot=snapshot,
+    restore=restore_,
 )
 

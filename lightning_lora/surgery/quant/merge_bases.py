@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.surgery.quant import bnb4bit
 from lightning_lora.surgery.errors import MergeError
 from lightning_lora.surgery.lora.layer import LoRALayer
-from lightning_lora.surgery.lora.merge import merge_lora
+from lightning_lora.surgery.lora.merge import merge_lora, untie_shared_
 from lightning_lora.surgery.lora.targets import candidate_modules
+from lightning_lora.surgery.quant import bnb4bit
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,14 @@ def merge_onto_base_(model: nn.Module, todo: list[tuple[str, LoRALayer, list[str
         for name in names:
             weight = weight + layer.delta_weight(name).to(weight.device)  # fp32, cast once below
         merged[path] = weight.to(base.dtype)
-        if safe and not torch.isfinite(weight).all():
-            raise MergeError(f"{path}: merging adapters {names} gives non-finite weights (inf or NaN); nothing was merged.")
+        if safe and not torch.isfinite(merged[path]).all():  # in the dtype written: fp16 overflows where fp32 does not
+            raise MergeError(f"{path}: merging adapters {names} gives non-finite weights (inf or NaN) in {base.dtype}; "
+                             f"nothing was merged. Check the adapter for inf/NaN, or merge onto a wider dtype.")
     if safe:
         for path, layer, names in todo:
             if path not in merged:
                 layer.check_merge(names, path)
+    untie_shared_(model, [t for t in todo if t[0] not in merged], unload=unload)  # a tied dense lm_head
     _apply(model, todo, quantized, merged, keep_original=not unload)
 
 
@@ -122,7 +124,8 @@ def _original_weights(quantized: dict[str, nn.Module], original: Original) -> di
         found[path] = tensor.detach().to(module.weight.device)
     if problems:
         raise MergeError("merge_base='original': `original` does not fit the model; nothing was merged:\n  - "
-                         + "\n  - ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+                         + "\n  - ".join(problems[:10])
+                         + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
     return found
 
 
