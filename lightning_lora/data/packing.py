@@ -59,10 +59,12 @@ def pad_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]], packe
 def packing_problems(model: torch.nn.Module) -> list[str]:
     """Why ``model`` cannot train on packed rows (empty when it can).
 
-    Hook for methods that prepend virtual tokens to every row (prompt tuning, P-tuning, prefix tuning): a packed row
-    is one row to them, so only its first example would see the prefix, and position ids would be shifted. None of
-    these methods exists in lightning-lora yet; when one lands, detect its modules here so that packing is refused
-    with a clear error before training starts.
+    Methods that prepend virtual tokens to every row (prompt tuning, P-tuning, prefix tuning) cannot: a packed row
+    is one row to them, so only its first example would see the virtual tokens, and position ids would be shifted.
+    They are found structurally, by their virtual-token module.
     """
-    del model  # nothing to detect yet
-    return []
+    from lightning_lora.surgery.methods.virtual_tokens import VirtualTokens
+
+    hosts = [(path, m) for path, m in model.named_modules() if isinstance(m, VirtualTokens) and m.active_adapters]
+    return [f"{path or 'the model'} prepends virtual tokens (adapters {m.active_adapters}: prompt / P- / prefix "
+            "tuning) to every row, and a packed row holds several examples" for path, m in hosts]

@@ -102,3 +102,18 @@ def test_packed_training_matches_unpacked_training(tiny_dir: Path) -> None:
         torch.testing.assert_close(packed[name], value, atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.equal(unpacked["model.layers.0.mlp.up_proj.weight"], build_tiny_causal_lm()[0].state_dict()[
         "model.layers.0.mlp.up_proj.weight"])  # it trained
+
+
+def test_packing_is_refused_for_virtual_token_methods_and_allowed_for_lora() -> None:
+    from lightning_lora import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, apply_lora, apply_peft
+    from lightning_lora.data.packing import packing_problems
+    from tests.factories import tiny_llama
+
+    lora = tiny_llama(num_layers=1)
+    apply_lora(lora, LoRAConfig(r=2, targets=["q_proj"]))
+    assert packing_problems(lora) == []
+    for config in (PromptTuningConfig(num_virtual_tokens=2), PrefixTuningConfig(num_virtual_tokens=2)):
+        model = tiny_llama(num_layers=1)
+        apply_peft(model, config, name="v")
+        problems = packing_problems(model)
+        assert len(problems) == 1 and "prepends virtual tokens (adapters ['v']" in problems[0]
