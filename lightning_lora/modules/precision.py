@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +37,20 @@ def frozen_dtype_for_auto(model: nn.Module) -> torch.dtype:
     return auto_dtype(first.device if first is not None else "cpu")
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _cast_(model: nn.Module, dtype: torch.dtype, chosen: Callable[[nn.Parameter], bool]) -> int:
+    # Plain parameters only: quantized weights are parameter subclasses (bitsandbytes' Params4bit) and stay as they
+    # are. Assigning `.data` keeps the Parameter object, so tied parameters stay tied.
+    n = 0
+    for param in model.parameters():
+        if type(param) is nn.Parameter and chosen(param):
+            param.data = param.data.to(dtype)
+            n += param.numel()
+    return n
+
+
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
     """Cast, in place, every plain float32 parameter that does not require grad to ``dtype``.
 
@@ -46,12 +60,7 @@ def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
     Returns:
         How many elements were cast.
     """
-    n = 0
-    for param in model.parameters():
-        if type(param) is nn.Parameter and not param.requires_grad and param.dtype == torch.float32:
-            param.data = param.data.to(dtype)
-            n += param.numel()
-    return n
+    return _cast_(model, dtype, lambda p: not p.requires_grad and p.dtype == torch.float32)
 
 
 def to_float32_(model: nn.Module) -> int:
@@ -60,12 +69,7 @@ def to_float32_(model: nn.Module) -> int:
     Returns:
         How many elements were cast.
     """
-    n = 0
-    for param in model.parameters():
-        if type(param) is nn.Parameter and param.dtype in (torch.bfloat16, torch.float16):
-            param.data = param.data.float()
-            n += param.numel()
-    return n
+    return _cast_(model, torch.float32, lambda p: p.dtype in _LOW)
 
 
 def upcast_trainable_(model: nn.Module) -> int:
@@ -74,12 +78,7 @@ def upcast_trainable_(model: nn.Module) -> int:
     Returns:
         How many elements were cast.
     """
-    n = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16) and type(param) is nn.Parameter:
-            param.data = param.data.float()
-            n += param.numel()
-    return n
+    return _cast_(model, torch.float32, lambda p: p.requires_grad and p.dtype in _LOW)
 
 
 @contextlib.contextmanager
