@@ -7,11 +7,13 @@ warn or stop training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -87,14 +89,16 @@ class ForgettingMonitor(Callback):
             self._ids = [tokenizer(t)["input_ids"][: self.max_length] for t in texts]
             if self.references == "self":
                 prompts = [ids[:_SELF_PROMPT_TOKENS] for ids in self._ids]
-                self._ids = greedy_continuations(model, prompts, self.self_new_tokens, tokenizer.eos_token_id)
+                with _mixed_precision_autocast(model):
+                    self._ids = greedy_continuations(model, prompts, self.self_new_tokens, tokenizer.eos_token_id)
             self._pad_id = tokenizer.pad_token_id or 0
         live = self.base == "live" or (self.base == "auto" and can_disable(model))
         if self.base == "live" and not can_disable(model):
             raise ValueError("ForgettingMonitor(base='live'): the model has no LoRA layers to switch off (or they are "
                              "merged).\nHINT: use base='cached' for full fine-tuning or layer freezing.")
         if not live and self._stats is None:
-            self._stats = [reference_statistics(model, batch, self.top_k) for batch in self._batches()]
+            with _mixed_precision_autocast(model):
+                self._stats = [reference_statistics(model, batch, self.top_k) for batch in self._batches()]
         self._live = live
 
     def _tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -152,7 +156,8 @@ class ForgettingMonitor(Callback):
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """The forgetting metrics now (``ppl``, ``nll``, ``kl``); needs ``on_fit_start`` to have run."""
         model = target_module(pl_module, self.module)
-        return forgetting_metrics(model, self._batches(), None if self._live else self._stats)
+        with _mixed_precision_autocast(model):
+            return forgetting_metrics(model, self._batches(), None if self._live else self._stats)
 
     # ------------------------------------------------------------------------------------------------ resume
     @override
@@ -168,6 +173,17 @@ class ForgettingMonitor(Callback):
         stats = state_dict.get("stats")
         self._stats = [ReferenceStatistics(**s) for s in stats] if stats is not None else None
         self.history = list(state_dict.get("history", []))
+
+
+def _mixed_precision_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast to the model's low-precision dtype when it mixes that with float32 (``dtype="auto"``: a bf16 frozen
+    base beside fp32 trainable blocks), as the module's own steps do; a no-op for a model of one dtype."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    if not low or torch.float32 not in dtypes:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=low[0])
 
 
 def _read_texts(references: str) -> list[str]:

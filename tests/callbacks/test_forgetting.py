@@ -102,3 +102,34 @@ def test_bad_options_are_named() -> None:
         ForgettingMonitor("nope.txt")
     with pytest.raises(ValueError, match="base='both'"):
         ForgettingMonitor(base="both")  # type: ignore[arg-type]
+
+
+def test_cached_statistics_on_a_bf16_frozen_base_with_fp32_trained_blocks() -> None:
+    """dtype="auto" with layer freezing: frozen weights in bf16 beside fp32 trainable ones. A plain forward mixes
+    dtypes and fails; the monitor measures under autocast, as the module's own steps do."""
+    from lightning_lora.callbacks.forgetting import _mixed_precision_autocast
+    from lightning_lora.modules.precision import cast_frozen_
+    from lightning_lora.surgery.diagnostics.forgetting import ReferenceBatch, reference_statistics
+    from tests.factories import tiny_llama
+
+    model = tiny_llama(num_layers=2)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("model.norm"))
+    cast_frozen_(model, torch.bfloat16)
+    batch = ReferenceBatch(ids=torch.randint(3, 100, (2, 6)), mask=torch.ones(2, 6, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="dtype"):
+        reference_statistics(model, batch, 4)
+    with _mixed_precision_autocast(model):
+        stats = reference_statistics(model, batch, 4)
+    tensors = _tensors(stats)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return [t for v in vars(value).values() for t in _tensors(v)] if hasattr(value, "__dict__") else []
